@@ -1,0 +1,292 @@
+"""``CacheLifecycle``: the pure KV-cache state machine of SPEC section 3.
+
+One instance governs one cache (all layers a process owns share it: they
+advance in lockstep). It is the single source of truth for indices: the
+tensor cache asks it for write windows and rolls and never computes an index
+on the side. No I/O, no tensors.
+
+Chunk protocol::
+
+    window = lc.begin_chunk(plan)     # resets, recompute rebuild, roll decision
+    lc.record_call("recompute")       # only if the plan says so, first
+    lc.record_call("denoise") x N     # every call overwrites the same slot
+    lc.end_chunk()                    # pointers move once per chunk
+
+Indices are in tokens. ``global_end_index`` counts on the stream's timeline,
+``local_end_index`` in the buffer (capacity ``window_frames * tokens_per_frame``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import msgspec
+
+from protocol import canonical_bytes, digest_bytes
+
+from .errors import CallCountMismatch, IllegalTransition
+
+
+class LifecyclePlan(Protocol):
+    """The plan fields the lifecycle reads (``ChunkPlan`` and ``InferEnvelope`` both fit)."""
+
+    call_id: int
+    chunk_index: int
+    cache_epoch: int
+    current_start_frame: int
+    init_cache: bool
+    reset_kv_cache: bool
+    reset_crossattn_cache: bool
+    do_kv_recompute: bool
+    num_denoise_steps: int
+    expected_generator_calls: int
+    kv_cache_attention_bias: float
+    context_frame_indices: tuple[int, ...]
+    recompute_mode: str
+    anchor_mode: str
+
+
+class CacheGeometry(msgspec.Struct, frozen=True, kw_only=True):
+    window_frames: int
+    sink_frames: int
+    tokens_per_frame: int
+    chunk_frames: int
+
+    @property
+    def capacity(self) -> int:
+        return self.window_frames * self.tokens_per_frame
+
+    @property
+    def sink_tokens(self) -> int:
+        return self.sink_frames * self.tokens_per_frame
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.chunk_frames * self.tokens_per_frame
+
+
+class RecomputeWindow(msgspec.Struct, frozen=True, kw_only=True):
+    """The cleared cache is rebuilt at ``[0, local_end)`` from these timeline frames."""
+
+    frame_positions: tuple[int, ...]
+    local_end: int
+
+
+class ChunkWindow(msgspec.Struct, frozen=True, kw_only=True):
+    """What the tensor cache must do for one chunk, derived from plan + state.
+
+    Order of application: ``reset_kv`` (zero), ``reset_crossattn``, the
+    recompute rebuild (if any), the roll (shift the tokens after the sinks left
+    by ``roll_tokens``), then every denoise call writes ``[write_start, write_end)``
+    and attends to ``[0, write_end)``. ``bias_keys`` is the buffer range whose
+    scores get ``log(attention_bias)``: after the first frame, before the chunk.
+    """
+
+    cache_epoch: int
+    call_id: int
+    chunk_index: int
+    current_start_frame: int
+    reset_kv: bool
+    reset_crossattn: bool
+    recompute: RecomputeWindow | None
+    roll_tokens: int
+    sink_tokens: int
+    write_start: int
+    write_end: int
+    global_start: int
+    global_end: int
+    attention_bias: float
+    bias_keys: tuple[int, int]
+
+
+class LifecycleState(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything that must be identical on every generator rank.
+
+    ``cache_epoch == -1`` means no hard cut has happened yet (no stream).
+    """
+
+    cache_epoch: int = -1
+    last_call_id: int = -1
+    last_chunk_index: int = -1
+    current_start_frame: int = 0
+    next_start_frame: int = 0
+    global_end_index: int = 0
+    local_end_index: int = 0
+    crossattn_is_init: bool = False
+    in_chunk: bool = False
+    calls_made: int = 0
+    expected_calls: int = 0
+    recompute_planned: bool = False
+    num_denoise_steps: int = 0
+    attention_bias: float = 1.0
+    recompute_mode: str = "none"
+    anchor_mode: str = "none"
+
+
+CallKind = Literal["recompute", "denoise"]
+
+
+class CacheLifecycle:
+    """Applies plans to a ``LifecycleState``, refusing every illegal transition."""
+
+    def __init__(self, geometry: CacheGeometry) -> None:
+        if geometry.window_frames < geometry.sink_frames + geometry.chunk_frames:
+            raise ValueError("window must hold the sinks and one chunk")
+        self.geometry = geometry
+        self._state = LifecycleState()
+        self._window: ChunkWindow | None = None
+
+    # -- read side ---------------------------------------------------------
+    @property
+    def state(self) -> LifecycleState:
+        return self._state
+
+    @property
+    def window(self) -> ChunkWindow:
+        """The window of the chunk in progress."""
+        if self._window is None or not self._state.in_chunk:
+            raise IllegalTransition("no chunk in progress")
+        return self._window
+
+    def digest(self) -> str:
+        """Canonical digest of the state (identical on every rank that agrees)."""
+        return digest_bytes(canonical_bytes(self._state))
+
+    # -- transitions -------------------------------------------------------
+    def begin_chunk(self, plan: LifecyclePlan) -> ChunkWindow:
+        s, g = self._state, self.geometry
+        ids = dict(call_id=plan.call_id, chunk_index=plan.chunk_index, cache_epoch=plan.cache_epoch)
+
+        def refuse(text: str) -> None:
+            raise IllegalTransition(text, **ids)
+
+        if s.in_chunk:
+            refuse("begin_chunk while a chunk is still in progress")
+        if plan.call_id <= s.last_call_id:
+            refuse(f"call_id {plan.call_id} not after {s.last_call_id} (applied twice?)")
+        if plan.chunk_index <= s.last_chunk_index:
+            refuse(f"chunk_index {plan.chunk_index} not after {s.last_chunk_index}")
+        if plan.expected_generator_calls != (1 if plan.do_kv_recompute else 0) + plan.num_denoise_steps:
+            refuse("expected_generator_calls inconsistent with the plan bits")
+        if plan.reset_kv_cache != plan.init_cache:
+            refuse("the KV cache is reset exactly at a hard cut")
+
+        if plan.init_cache:
+            if plan.cache_epoch != s.cache_epoch + 1:
+                refuse(f"hard cut must move epoch {s.cache_epoch} -> {s.cache_epoch + 1}")
+            if plan.current_start_frame != 0 or plan.do_kv_recompute:
+                refuse("a hard cut starts at frame 0 without recompute")
+            if not plan.reset_crossattn_cache:
+                refuse("a hard cut also resets the cross-attention cache")
+            global_end, local_end = 0, 0
+        else:
+            if s.cache_epoch < 0:
+                refuse("first chunk of a stream must be a hard cut (init_cache)")
+            if plan.cache_epoch != s.cache_epoch:
+                refuse(f"epoch {plan.cache_epoch} without a hard cut (current {s.cache_epoch})")
+            if plan.current_start_frame != s.next_start_frame:
+                refuse(
+                    f"current_start_frame {plan.current_start_frame} != expected {s.next_start_frame}"
+                )
+            global_end, local_end = s.global_end_index, s.local_end_index
+
+        recompute = None
+        if plan.do_kv_recompute:
+            ctx = tuple(plan.context_frame_indices)
+            if not ctx or list(ctx) != sorted(set(ctx)) or ctx[0] < 0:
+                refuse("recompute needs strictly increasing context frame indices")
+            if ctx[-1] >= plan.current_start_frame:
+                refuse("context frames must precede the chunk")
+            if len(ctx) + g.chunk_frames > g.window_frames:
+                refuse(f"{len(ctx)} context frames + chunk exceed the window")
+            local_end = len(ctx) * g.tokens_per_frame
+            global_end = (ctx[-1] + 1) * g.tokens_per_frame
+            recompute = RecomputeWindow(frame_positions=ctx, local_end=local_end)
+        elif plan.context_frame_indices:
+            refuse("context frames without a planned recompute")
+
+        # Roll decision: derived from indices only, identical on every rank.
+        roll = max(0, local_end + g.chunk_tokens - g.capacity)
+        if roll > local_end - min(g.sink_tokens, local_end):
+            refuse("eviction would have to drop sink frames")
+        write_start = local_end - roll
+        write_end = write_start + g.chunk_tokens
+        global_start = plan.current_start_frame * g.tokens_per_frame
+        window = ChunkWindow(
+            cache_epoch=plan.cache_epoch,
+            call_id=plan.call_id,
+            chunk_index=plan.chunk_index,
+            current_start_frame=plan.current_start_frame,
+            reset_kv=plan.init_cache,
+            reset_crossattn=plan.reset_crossattn_cache,
+            recompute=recompute,
+            roll_tokens=roll,
+            sink_tokens=min(g.sink_tokens, write_start),
+            write_start=write_start,
+            write_end=write_end,
+            global_start=global_start,
+            global_end=global_start + g.chunk_tokens,
+            attention_bias=float(plan.kv_cache_attention_bias),
+            bias_keys=(min(g.tokens_per_frame, write_start), write_start),
+        )
+        self._state = msgspec.structs.replace(
+            s,
+            cache_epoch=plan.cache_epoch,
+            last_call_id=plan.call_id,
+            last_chunk_index=plan.chunk_index,
+            current_start_frame=plan.current_start_frame,
+            global_end_index=global_end,
+            local_end_index=local_end,
+            crossattn_is_init=False if plan.reset_crossattn_cache else s.crossattn_is_init,
+            in_chunk=True,
+            calls_made=0,
+            expected_calls=plan.expected_generator_calls,
+            recompute_planned=plan.do_kv_recompute,
+            num_denoise_steps=plan.num_denoise_steps,
+            attention_bias=float(plan.kv_cache_attention_bias),
+            recompute_mode=plan.recompute_mode,
+            anchor_mode=plan.anchor_mode,
+        )
+        self._window = window
+        return window
+
+    def record_call(self, kind: CallKind) -> int:
+        """Count one generator call; returns its index within the chunk."""
+        s = self._state
+        ids = dict(call_id=s.last_call_id, chunk_index=s.last_chunk_index, cache_epoch=s.cache_epoch)
+        if not s.in_chunk:
+            raise IllegalTransition(f"{kind} call outside a chunk", **ids)
+        if kind == "recompute":
+            if not s.recompute_planned or s.calls_made != 0:
+                raise CallCountMismatch("recompute call not planned at this point", **ids)
+        elif kind == "denoise":
+            if s.recompute_planned and s.calls_made == 0:
+                raise CallCountMismatch("denoise call before the planned recompute", **ids)
+            if s.calls_made >= s.expected_calls:
+                raise CallCountMismatch(
+                    f"call {s.calls_made + 1} exceeds the planned {s.expected_calls}", **ids
+                )
+        else:
+            raise IllegalTransition(f"unknown call kind {kind!r}", **ids)
+        self._state = msgspec.structs.replace(s, calls_made=s.calls_made + 1, crossattn_is_init=True)
+        return s.calls_made
+
+    def end_chunk(self) -> LifecycleState:
+        """Advance pointers once; refuses unless exactly the planned calls ran."""
+        s = self._state
+        ids = dict(call_id=s.last_call_id, chunk_index=s.last_chunk_index, cache_epoch=s.cache_epoch)
+        if not s.in_chunk or self._window is None:
+            raise IllegalTransition("end_chunk without a chunk in progress", **ids)
+        if s.calls_made != s.expected_calls:
+            raise CallCountMismatch(
+                f"chunk ended after {s.calls_made} generator calls, planned {s.expected_calls}", **ids
+            )
+        w = self._window
+        self._state = msgspec.structs.replace(
+            s,
+            in_chunk=False,
+            local_end_index=w.write_end,
+            global_end_index=w.global_end,
+            next_start_frame=w.current_start_frame + self.geometry.chunk_frames,
+        )
+        return self._state

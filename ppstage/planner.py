@@ -1,0 +1,191 @@
+"""``Planner``: rank 0's maker of every lifecycle decision.
+
+Intents (hard cut, prompt update, attention-bias change, step-list change,
+stream start) queue up and take effect at the next chunk boundary, never in
+the middle of a chunk. The planner forces a hard cut before the positional
+(RoPE) table would run out, applies the recompute mode and cadence, and emits
+immutable ``ChunkPlan``s with strictly increasing ``call_id`` / ``chunk_index``.
+Pure: no I/O, no clocks.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from protocol import ProtocolError
+
+from .config import PPStageConfig
+from .plan import ChunkPlan
+
+
+class HardCut(msgspec.Struct, frozen=True, tag="hard_cut"):
+    pass
+
+
+class StreamStart(msgspec.Struct, frozen=True, tag="stream_start"):
+    prompt: str
+
+
+class PromptUpdate(msgspec.Struct, frozen=True, tag="prompt_update"):
+    prompt: str
+
+
+class AttentionBiasChange(msgspec.Struct, frozen=True, tag="attention_bias"):
+    bias: float
+
+
+class StepListChange(msgspec.Struct, frozen=True, tag="step_list"):
+    steps: tuple[int, ...]
+
+
+Intent = Union[HardCut, StreamStart, PromptUpdate, AttentionBiasChange, StepListChange]
+
+ANCHOR_FOR_MODE = {"r1": "none", "r0a": "decoded", "r0": "latent"}
+
+
+class PlannerError(ProtocolError):
+    """An intent or request the planner cannot honour (typed, never silent)."""
+
+
+class ControlIds(msgspec.Struct, frozen=True):
+    """Identity stamped on a NOOP / SHUTDOWN / ERROR message."""
+
+    call_id: int
+    chunk_index: int
+    cache_epoch: int
+
+
+class Planner:
+    def __init__(self, config: PPStageConfig) -> None:
+        self.config = config
+        self._pending: list[Intent] = []
+        self._next_call_id = 0
+        self._next_chunk_index = 0
+        self._epoch = -1
+        self._next_start = 0
+        self._chunk_in_epoch = 0
+        self._prompt: str | None = None
+        self._bias = 1.0
+        self._steps = tuple(config.denoise.step_list)
+
+    @property
+    def cache_epoch(self) -> int:
+        return self._epoch
+
+    def submit(self, intent: Intent) -> None:
+        """Queue an intent for the next chunk boundary; rejects bad values now."""
+        if isinstance(intent, AttentionBiasChange) and not (0.0 < intent.bias < float("inf")):
+            raise PlannerError(f"attention bias must be positive and finite, got {intent.bias}")
+        if isinstance(intent, StepListChange):
+            steps = list(intent.steps)
+            if not steps or steps != sorted(steps, reverse=True) or len(set(steps)) != len(steps):
+                raise PlannerError(f"step list must be strictly decreasing, got {intent.steps}")
+            if any(not 0 < t <= 1000 for t in steps):
+                raise PlannerError("timesteps must lie in (0, 1000]")
+        if isinstance(intent, (StreamStart, PromptUpdate)) and not intent.prompt.strip():
+            raise PlannerError("a prompt must not be empty")
+        self._pending.append(intent)
+
+    def next_chunk(self) -> ChunkPlan:
+        """Apply pending intents at this boundary and plan the next chunk."""
+        cut = False
+        prompt_changed = False
+        for intent in self._pending:
+            if isinstance(intent, (StreamStart, HardCut)):
+                cut = True
+                if isinstance(intent, StreamStart):
+                    self._prompt = intent.prompt
+            elif isinstance(intent, PromptUpdate):
+                self._prompt = intent.prompt
+                prompt_changed = True
+            elif isinstance(intent, AttentionBiasChange):
+                self._bias = float(intent.bias)
+            elif isinstance(intent, StepListChange):
+                self._steps = tuple(intent.steps)
+        self._pending.clear()
+        if self._prompt is None:
+            raise PlannerError("no stream: submit StreamStart(prompt) before planning chunks")
+
+        cfg = self.config
+        frames = cfg.cache.chunk_frames
+        forced = False
+        if self._epoch < 0:
+            cut = True
+        elif not cut and self._next_start + frames > cfg.model.rope_max_frames:
+            cut = forced = True
+        if cut:
+            self._epoch += 1
+            self._next_start = 0
+            self._chunk_in_epoch = 0
+
+        start = self._next_start
+        mode = cfg.recompute.mode
+        recompute = (
+            mode != "r1"
+            and self._chunk_in_epoch > 0
+            and self._chunk_in_epoch % cfg.recompute.cadence == 0
+        )
+        ctx: tuple[int, ...] = ()
+        source = "none"
+        anchor: int | None = None
+        if recompute:
+            ctx, source, anchor = self._context(start)
+        steps = self._steps
+        plan = ChunkPlan(
+            call_id=self._next_call_id,
+            chunk_index=self._next_chunk_index,
+            cache_epoch=self._epoch,
+            current_start_frame=start,
+            num_frames=frames,
+            init_cache=cut,
+            reset_kv_cache=cut,
+            reset_crossattn_cache=cut or prompt_changed,
+            do_kv_recompute=recompute,
+            num_denoise_steps=len(steps),
+            expected_generator_calls=(1 if recompute else 0) + len(steps),
+            kv_cache_attention_bias=self._bias,
+            denoising_step_list=steps,
+            recompute_mode=mode,
+            anchor_mode=ANCHOR_FOR_MODE[mode],  # type: ignore[arg-type]
+            context_frame_indices=ctx,
+            context_source=source,  # type: ignore[arg-type]
+            anchor_frame=anchor,
+            prompt=self._prompt,
+            base_seed=cfg.denoise.base_seed,
+            forced_cut=forced,
+        )
+        self._next_call_id += 1
+        self._next_chunk_index += 1
+        self._next_start = start + frames
+        self._chunk_in_epoch += 1
+        return plan
+
+    def control_ids(self) -> ControlIds:
+        """Consume a call_id for a NOOP / SHUTDOWN / ERROR message."""
+        ids = ControlIds(
+            call_id=self._next_call_id,
+            chunk_index=max(0, self._next_chunk_index - 1),
+            cache_epoch=max(0, self._epoch),
+        )
+        self._next_call_id += 1
+        return ids
+
+    def _context(self, start: int) -> tuple[tuple[int, ...], str, int]:
+        """Context frames for a recompute at ``start``: anchor + latest latents.
+
+        Early regime (fewer than ``decoded_buffer_frames`` frames so far): the
+        anchor is the epoch's first latent frame, so no decode is awaited.
+        Steady state: the anchor is the oldest frame stage 0 still holds decoded,
+        frame ``start - decoded_buffer_frames``.
+        """
+        rc = self.config.recompute
+        recent = tuple(range(max(0, start - (rc.context_frames - 1)), start))
+        if start < rc.decoded_buffer_frames:
+            anchor, source = 0, "early"
+        else:
+            anchor = start - rc.decoded_buffer_frames
+            source = "decoded" if rc.mode == "r0a" else "latent"
+        ctx = tuple(sorted({anchor, *recent}))
+        return ctx, source, anchor

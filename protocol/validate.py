@@ -1,0 +1,187 @@
+"""Cross-field invariants of every wire message.
+
+``validate`` is called by the sender before serialising (anti-stranding: a
+message that would be rejected never gets a header on the wire) and by every
+receiver before it acts on a message or enters a mesh collective.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from .errors import InvariantViolation
+from .messages import (
+    ChunkResult,
+    InferEnvelope,
+    ParityHello,
+    StageHop,
+    TensorSpec,
+    WireMessage,
+)
+
+ANCHOR_FOR_MODE = {"r1": "none", "r0a": "decoded", "r0": "latent"}
+INFER_TENSORS = ("latents_in", "conditioning_embeds", "denoising_step_list")
+CONTEXT_TENSOR = "context_frames_override"
+
+
+class WireGeometry(msgspec.Struct, frozen=True, kw_only=True):
+    """Shapes a receiver expects, from its own (parity-checked) config."""
+
+    num_frames: int
+    latent_channels: int
+    height: int
+    width: int
+    text_tokens: int
+    text_dim: int
+    hidden_dim: int
+    tokens_per_frame: int
+    max_context_frames: int
+
+
+def validate(msg: WireMessage, geometry: WireGeometry | None = None) -> None:
+    """Raise ``InvariantViolation`` unless every invariant of ``msg`` holds."""
+    ids = dict(call_id=msg.call_id, chunk_index=msg.chunk_index, cache_epoch=msg.cache_epoch)
+
+    def fail(text: str) -> None:
+        raise InvariantViolation(text, **ids)
+
+    if msg.call_id < 0 or msg.chunk_index < 0 or msg.cache_epoch < 0:
+        fail("ids must be non-negative")
+    if isinstance(msg, InferEnvelope):
+        _validate_infer(msg, geometry, fail)
+    elif isinstance(msg, ChunkResult):
+        _validate_result(msg, geometry, fail)
+    elif isinstance(msg, StageHop):
+        _validate_hop(msg, geometry, fail)
+    elif msg.tensors:
+        fail(f"{type(msg).__name__} must carry no tensors")
+    if isinstance(msg, ParityHello) and msg.rank < 0:
+        fail("HELLO rank must be non-negative")
+
+
+def _specs(msg: WireMessage) -> dict[str, TensorSpec]:
+    return {s.name: s for s in msg.tensors}
+
+
+def _expect_shape(spec: TensorSpec, shape: tuple[int, ...], dtype: str, fail) -> None:
+    if spec.dtype != dtype:
+        fail(f"tensor {spec.name!r} has dtype {spec.dtype}, expected {dtype}")
+    if tuple(spec.shape) != shape:
+        fail(f"tensor {spec.name!r} has shape {tuple(spec.shape)}, expected {shape}")
+
+
+def _validate_infer(m: InferEnvelope, g: WireGeometry | None, fail) -> None:
+    expected_calls = (1 if m.do_kv_recompute else 0) + m.num_denoise_steps
+    if m.num_denoise_steps < 1:
+        fail("num_denoise_steps must be at least 1")
+    if m.expected_generator_calls != expected_calls:
+        fail(
+            f"expected_generator_calls={m.expected_generator_calls} but "
+            f"(1 if do_kv_recompute else 0) + num_denoise_steps = {expected_calls}"
+        )
+    if ANCHOR_FOR_MODE[m.recompute_mode] != m.anchor_mode:
+        fail(f"mode {m.recompute_mode} requires anchor_mode {ANCHOR_FOR_MODE[m.recompute_mode]}")
+    if m.recompute_mode == "r1" and m.do_kv_recompute:
+        fail("mode r1 never recomputes")
+    if m.init_cache and not (m.reset_kv_cache and m.reset_crossattn_cache):
+        fail("init_cache must reset both the KV and the cross-attention caches")
+    if m.reset_kv_cache and not m.init_cache:
+        fail("the KV cache is reset only by a hard cut (init_cache)")
+    if m.init_cache and m.current_start_frame != 0:
+        fail("a hard cut starts at frame 0")
+    if m.init_cache and m.do_kv_recompute:
+        fail("the first chunk of an epoch has nothing to recompute")
+    if m.current_start_frame < 0:
+        fail("current_start_frame must be non-negative")
+    if not math.isfinite(m.kv_cache_attention_bias) or m.kv_cache_attention_bias <= 0:
+        fail("kv_cache_attention_bias must be a positive finite float")
+    if min(m.height, m.width, m.num_frames, m.latent_channels) < 1:
+        fail("latent geometry must be positive")
+    if g is not None and (m.num_frames, m.latent_channels, m.height, m.width) != (
+        g.num_frames,
+        g.latent_channels,
+        g.height,
+        g.width,
+    ):
+        fail("declared latent geometry differs from this stage's config")
+
+    names = [s.name for s in m.tensors]
+    want = list(INFER_TENSORS) + ([CONTEXT_TENSOR] if m.do_kv_recompute else [])
+    if names != want:
+        if m.do_kv_recompute and CONTEXT_TENSOR not in names:
+            fail("do_kv_recompute is set but context_frames_override is missing")
+        if not m.do_kv_recompute and CONTEXT_TENSOR in names:
+            fail("context_frames_override present without do_kv_recompute")
+        fail(f"tensors {names} differ from the required {want}")
+    specs = _specs(m)
+    frame = (m.latent_channels, m.height, m.width)
+    _expect_shape(specs["latents_in"], (m.num_frames, *frame), "float32", fail)
+    cond = specs["conditioning_embeds"]
+    if g is not None:
+        _expect_shape(cond, (g.text_tokens, g.text_dim), "float32", fail)
+    elif len(cond.shape) != 2 or cond.dtype != "float32":
+        fail("conditioning_embeds must be a 2-D float32 tensor")
+    _expect_shape(specs["denoising_step_list"], (m.num_denoise_steps,), "int64", fail)
+    if m.do_kv_recompute:
+        n_ctx = len(m.context_frame_indices)
+        if n_ctx < 1:
+            fail("a recompute needs at least one context frame index")
+        if g is not None and n_ctx > g.max_context_frames:
+            fail(f"{n_ctx} context frames exceed the window's {g.max_context_frames}")
+        if list(m.context_frame_indices) != sorted(set(m.context_frame_indices)):
+            fail("context_frame_indices must be strictly increasing")
+        if m.context_frame_indices[0] < 0 or m.context_frame_indices[-1] >= m.current_start_frame:
+            fail("context frames must lie before current_start_frame")
+        _expect_shape(specs[CONTEXT_TENSOR], (n_ctx, *frame), "float32", fail)
+    elif m.context_frame_indices:
+        fail("context_frame_indices present without do_kv_recompute")
+
+
+def _validate_result(m: ChunkResult, g: WireGeometry | None, fail) -> None:
+    if m.ok != (m.error is None):
+        fail("a result is ok exactly when it carries no error")
+    if not m.ok:
+        if m.tensors:
+            fail("an error result carries no tensors")
+        return
+    if m.observed_generator_calls < 1:
+        fail("an ok result must report its generator calls")
+    if not m.stages:
+        fail("an ok result must carry every stage's report")
+    if m.output_digest is None:
+        fail("an ok result must carry the output digest")
+    if [s.name for s in m.tensors] != ["latents_out"]:
+        fail("an ok result carries exactly one tensor, latents_out")
+    spec = m.tensors[0]
+    if g is not None:
+        _expect_shape(spec, (g.num_frames, g.latent_channels, g.height, g.width), "float32", fail)
+    elif spec.dtype != "float32" or len(spec.shape) != 4:
+        fail("latents_out must be a 4-D float32 tensor")
+    for s in m.stages:
+        if s.observed_generator_calls != m.observed_generator_calls:
+            fail(
+                f"stage {s.stage} observed {s.observed_generator_calls} calls, "
+                f"result says {m.observed_generator_calls}"
+            )
+
+
+def _validate_hop(m: StageHop, g: WireGeometry | None, fail) -> None:
+    if m.call_kind == "recompute" and m.step != -1:
+        fail("a recompute hop has step -1")
+    if m.call_kind == "denoise" and m.step < 0:
+        fail("a denoise hop has a step index >= 0")
+    want = "hidden" if m.target == "hidden" else "latents"
+    if [s.name for s in m.tensors] != [want]:
+        fail(f"a {m.target} hop carries exactly one tensor, {want!r}")
+    spec = m.tensors[0]
+    if spec.dtype != "float32":
+        fail(f"hop tensor has dtype {spec.dtype}, expected float32")
+    if g is not None and m.target == "latents":
+        if m.call_kind == "recompute":
+            fail("a recompute call never hands a latent back")
+        _expect_shape(spec, (g.num_frames, g.latent_channels, g.height, g.width), "float32", fail)
+    if g is not None and m.target == "hidden":
+        if len(spec.shape) != 2 or spec.shape[1] != g.hidden_dim or spec.shape[0] % g.tokens_per_frame:
+            fail(f"hidden hop shape {tuple(spec.shape)} does not fit the model geometry")
