@@ -175,7 +175,8 @@ def decode_metadata(header: Header, header_bytes: bytes, meta: bytes | memoryvie
         if "Invalid value" in text and "`$.action`" in text:
             raise UnknownAction(f"unknown message tag: {text}", **ids) from exc
         raise MetadataError(f"metadata does not match a wire type: {text}", **ids) from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 in a str.
         raise MetadataError(f"metadata is not valid msgpack: {exc}", **ids) from exc
     if msg.version != header.version:
         raise UnsupportedVersion(

@@ -178,10 +178,11 @@ def _validate_hop(m: StageHop, g: WireGeometry | None, fail) -> None:
     spec = m.tensors[0]
     if spec.dtype != "float32":
         fail(f"hop tensor has dtype {spec.dtype}, expected float32")
-    if g is not None and m.target == "latents":
+    if m.target == "latent":
         if m.call_kind == "recompute":
             fail("a recompute call never hands a latent back")
-        _expect_shape(spec, (g.num_frames, g.latent_channels, g.height, g.width), "float32", fail)
+        if g is not None:
+            _expect_shape(spec, (g.num_frames, g.latent_channels, g.height, g.width), "float32", fail)
     if g is not None and m.target == "hidden":
         if len(spec.shape) != 2 or spec.shape[1] != g.hidden_dim or spec.shape[0] % g.tokens_per_frame:
             fail(f"hidden hop shape {tuple(spec.shape)} does not fit the model geometry")

@@ -1,0 +1,197 @@
+"""Planner + EpochGate + per-stage CacheLifecycles under random delivery (B8, B9).
+
+A hypothesis state machine plays rank 0 and a pipeline of simulated stages:
+intents arrive at random, chunks are planned and sent, and results come back
+delayed, duplicated or out of order, across hard cuts (requested, and forced by
+a short RoPE table). It checks, after every step, that nothing of an old epoch
+is ever accepted, that acceptance follows the plan order, that nothing is
+accepted twice, and that every stage holds the same lifecycle state.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from ppstage.config import PPStageConfig
+from ppstage.errors import OutOfOrderResult
+from ppstage.gate import EpochGate
+from ppstage.lifecycle import CacheGeometry, CacheLifecycle
+from ppstage.planner import (
+    AttentionBiasChange,
+    HardCut,
+    Planner,
+    PromptUpdate,
+    StepListChange,
+    StreamStart,
+)
+from protocol import ChunkResult
+from wire_samples import result_for
+
+CONFIG = PPStageConfig().with_overrides({"model.rope_max_frames": 15, "recompute.cadence": 1})
+CACHE = CacheGeometry(
+    window_frames=CONFIG.cache.window_frames,
+    sink_frames=CONFIG.cache.sink_frames,
+    tokens_per_frame=CONFIG.model.tokens_per_frame,
+    chunk_frames=CONFIG.cache.chunk_frames,
+)
+STAGES = 2
+MAX_IN_FLIGHT = 5
+
+step_lists = st.lists(st.sampled_from([1000, 750, 500, 250]), min_size=1, max_size=4, unique=True).map(
+    lambda s: tuple(sorted(s, reverse=True))
+)
+intents = st.one_of(
+    st.just(HardCut()),
+    st.sampled_from(["a wolf", "a fox", "rain"]).map(PromptUpdate),
+    st.floats(0.1, 2.0).map(AttentionBiasChange),
+    step_lists.map(StepListChange),
+)
+
+
+class PipelineUnderChaos(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.planner = Planner(CONFIG)
+        self.planner.submit(StreamStart("a fox"))
+        self.gate = EpochGate()
+        self.stages = [CacheLifecycle(CACHE) for _ in range(STAGES)]
+        self.plans = {}  # call_id -> plan
+        self.in_flight: list[ChunkResult] = []  # sent, result not yet received
+        self.received: list[ChunkResult] = []  # every result delivered at least once
+        self.accepted: list[ChunkResult] = []
+
+    # -- rank 0 ----------------------------------------------------------------------------
+    @rule(intent=intents)
+    def submit_intent(self, intent):
+        self.planner.submit(intent)
+
+    @rule()
+    def send_control_message(self):
+        self.planner.control_ids()  # a NOOP keepalive consumes a call_id
+
+    @precondition(lambda self: len(self.in_flight) < MAX_IN_FLIGHT)
+    @rule()
+    def send_chunk(self):
+        plan = self.planner.next_chunk()
+        self.gate.expect(plan)
+        self.plans[plan.call_id] = plan
+        if plan.forced_cut:
+            event("forced hard cut")
+        # Every stage applies the same plan: the lifecycle must accept it and count
+        # exactly the planned calls.
+        for lc in self.stages:
+            lc.begin_chunk(plan)
+            if plan.do_kv_recompute:
+                lc.record_call("recompute")
+            for _ in range(plan.num_denoise_steps):
+                lc.record_call("denoise")
+            lc.end_chunk()
+        self.in_flight.append(result_for(plan))
+
+    # -- deliveries ------------------------------------------------------------------------
+    def _deliverable(self) -> list[int]:
+        """Positions whose delivery is legal now: any stale result, or the oldest current one."""
+        out, head_seen = [], False
+        for i, r in enumerate(self.in_flight):
+            if r.cache_epoch < self.gate.epoch:
+                out.append(i)
+            elif not head_seen:
+                out.append(i)
+                head_seen = True
+        return out
+
+    def _admit(self, result: ChunkResult):
+        before = len(self.accepted)
+        verdict = self.gate.admit(result)
+        if verdict.accepted:
+            plan = self.plans[result.call_id]
+            assert result.cache_epoch == self.gate.epoch == self.planner.cache_epoch
+            assert all(a.call_id != result.call_id for a in self.accepted), "accepted twice"
+            if self.accepted and self.accepted[-1].cache_epoch == result.cache_epoch:
+                assert result.chunk_index > self.accepted[-1].chunk_index
+            assert result.observed_generator_calls == plan.expected_generator_calls
+            assert verdict.plan.expected_generator_calls == plan.expected_generator_calls
+            self.accepted.append(result)
+        else:
+            assert len(self.accepted) == before
+        return verdict
+
+    @precondition(lambda self: self.in_flight)
+    @rule(data=st.data())
+    def deliver(self, data):
+        """Deliver a legal result now; everything else stays delayed."""
+        i = data.draw(st.sampled_from(self._deliverable()))
+        result = self.in_flight.pop(i)
+        stale = result.cache_epoch < self.gate.epoch
+        verdict = self._admit(result)
+        assert verdict.accepted != stale
+        if stale:
+            assert verdict.reason == "stale_epoch"
+            event("stale result dropped")
+        self.received.append(result)
+
+    @precondition(lambda self: self.received)
+    @rule(data=st.data())
+    def deliver_duplicate(self, data):
+        result = data.draw(st.sampled_from(self.received))
+        before = (self.gate.in_flight(), self.gate.accepted, self.gate.epoch)
+        verdict = self._admit(result)
+        assert not verdict.accepted and verdict.reason in ("duplicate", "stale_epoch")
+        assert (self.gate.in_flight(), self.gate.accepted, self.gate.epoch) == before
+
+    @precondition(
+        lambda self: sum(r.cache_epoch == self.gate.epoch for r in self.in_flight) >= 2
+    )
+    @rule(data=st.data())
+    def deliver_reordered(self, data):
+        """A current-epoch result overtaking an earlier one is a protocol error.
+
+        The gate refuses it without changing state, so the stream stays
+        consistent; in the runtime this error fails the stream.
+        """
+        current = [r for r in self.in_flight if r.cache_epoch == self.gate.epoch]
+        result = data.draw(st.sampled_from(current[1:]))
+        before = (self.gate.in_flight(), self.gate.accepted, dict(self.gate.dropped))
+        with pytest.raises(OutOfOrderResult):
+            self.gate.admit(result)
+        event("reorder refused")
+        assert (self.gate.in_flight(), self.gate.accepted, dict(self.gate.dropped)) == before
+
+    # -- invariants ------------------------------------------------------------------------
+    @invariant()
+    def gate_owes_exactly_the_undelivered_results(self):
+        assert self.gate.in_flight() == len(self.in_flight)
+        assert self.gate.in_flight_current() == sum(
+            r.cache_epoch == self.gate.epoch for r in self.in_flight
+        )
+
+    @invariant()
+    def nothing_of_an_old_epoch_was_accepted_after_its_cut(self):
+        epochs = [r.cache_epoch for r in self.accepted]
+        assert epochs == sorted(epochs)
+        call_ids = [r.call_id for r in self.accepted]
+        assert call_ids == sorted(set(call_ids))
+
+    @invariant()
+    def every_stage_holds_the_same_lifecycle_state(self):
+        digests = {lc.digest() for lc in self.stages}
+        assert len(digests) == 1
+        if self.plans:
+            assert self.stages[0].state.cache_epoch == self.planner.cache_epoch == self.gate.epoch
+
+    @invariant()
+    def counters_add_up(self):
+        stats = self.gate.statistics()
+        assert stats["accepted"] == len(self.accepted)
+
+
+PipelineUnderChaos.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestPipelineUnderChaos = PipelineUnderChaos.TestCase
