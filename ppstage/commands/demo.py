@@ -1,11 +1,88 @@
-"""``ppstage demo``: the main job. Until the distributed runtime lands it prints the plan table."""
+"""``ppstage demo``: the main job: a local pipeline on the embedded model, checked against the reference."""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+import tempfile
 
-from . import plan
+HELP = "run a local pipeline (rank 0 + generator stages, gloo) and check every chunk against the reference"
 
-HELP = "run the pipeline demo (currently: the plan of a scripted stream)"
-add_arguments = plan.add_arguments
-run = plan.run
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stages", type=int, default=2, help="generator stages K")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree M inside each stage")
+    p.add_argument("--chunks", type=int, default=12)
+    p.add_argument("--mode", choices=("r1", "r0a", "r0"), default=None, help="recompute mode (default: config's, r0a)")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--cut-at", type=int, action="append", default=[], metavar="K")
+    p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.add_argument("--simulate-decode-ms", type=float, default=None, help="added stage-0 cost per decode")
+    p.add_argument("--simulate-call-ms", type=float, default=None, help="added cost per generator call")
+    p.add_argument("--r0-quality-report", default=None, help="passing `ppstage quality` report (required for r0)")
+    p.add_argument("--out", default=None, help="directory for logs and the summary (default: a temp dir)")
+    p.add_argument("--no-check", action="store_true", help="skip the reference comparison")
+    p.add_argument("--timeout", type=float, default=600.0, help="give up (and kill every rank) after this")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import ConfigError, PPStageConfig
+    from ..demo import check_digests, format_summary
+    from ..launcher import start_pipeline
+    from ..reference import run_reference
+    from ..quality import QualityError, check_quality_report
+    from .launch import script_from_args
+
+    try:
+        cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
+        overrides: dict[str, object] = {"topology.stages": args.stages, "topology.tp": args.tp}
+        if args.mode:
+            overrides["recompute.mode"] = args.mode
+        if args.r0_quality_report:
+            overrides["recompute.r0_quality_report"] = args.r0_quality_report
+        if args.simulate_decode_ms is not None:
+            overrides["runtime.simulated_decode_ms"] = args.simulate_decode_ms
+        if args.simulate_call_ms is not None:
+            overrides["runtime.simulated_call_ms"] = args.simulate_call_ms
+        cfg = cfg.with_overrides(overrides)
+        if cfg.recompute.mode == "r0":
+            check_quality_report(cfg)  # the R0 rollout gate
+    except (ConfigError, QualityError) as exc:
+        print(f"ppstage demo: {exc}", file=sys.stderr)
+        return 2
+    script = script_from_args(args)
+    out = args.out or tempfile.mkdtemp(prefix="ppstage-demo-")
+    t = cfg.topology
+    print(f"ppstage demo: rank 0 + {t.stages} stage(s) x tp {t.tp} = {t.world_size} processes, "
+          f"mode {cfg.recompute.mode}, {args.chunks} chunks, logs in {out}", flush=True)
+    launch_args = ["--prompt", script.prompt]
+    for k in args.cut_at:
+        launch_args += ["--cut-at", str(k)]
+    for v in args.prompt_at:
+        launch_args += ["--prompt-at", v]
+    pipe = start_pipeline(cfg, out, chunks=args.chunks, launch_args=launch_args, passthrough_stdout=True)
+    previous = {s: signal.signal(s, lambda *_: pipe.signal_rank0(signal.SIGTERM)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        codes = pipe.wait(args.timeout)
+    finally:
+        pipe.kill()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    result = pipe.summary()
+    if any(c != 0 for c in codes) or result is None:
+        print(f"\nppstage demo: FAILED, exit codes by rank {codes}", file=sys.stderr)
+        if result and result.get("error"):
+            print(f"  rank 0: {result['error']}", file=sys.stderr)
+        for r, c in enumerate(codes):
+            if c != 0:
+                print(f"--- rank {r} (exit {c}) log tail ---\n{pipe.log_tail(r)}", file=sys.stderr)
+        return 1
+    check = None
+    if not args.no_check:
+        records = run_reference(cfg, args.chunks, script)
+        check = check_digests(result["events"], records)
+    print("\nsummary")
+    print(format_summary(result["summary"], check, stages=t.stages, tp=t.tp, mode=cfg.recompute.mode))
+    return 0 if check is None or check.ok else 1

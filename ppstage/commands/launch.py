@@ -1,0 +1,59 @@
+"""``ppstage launch``: run one rank's role (under torchrun, or started by ``ppstage demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "run this process's rank of the pipeline (reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="TOML config file (identical on every rank)")
+    p.add_argument("--chunks", type=int, default=12, help="chunks rank 0 plans before shutting down")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--cut-at", type=int, action="append", default=[], metavar="K")
+    p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
+    p.add_argument("--summary-out", default=None, help="rank 0 writes its run summary (JSON) here")
+    p.add_argument("--json-logs", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no per-chunk progress lines")
+
+
+def script_from_args(args: argparse.Namespace):
+    from ..reference import DEFAULT_PROMPT, StreamScript
+    from .plan import parse_prompt_at
+
+    return StreamScript(
+        prompt=args.prompt or DEFAULT_PROMPT,
+        cut_at=tuple(args.cut_at),
+        prompt_at=parse_prompt_at(args.prompt_at),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import ConfigError, PPStageConfig
+    from ..quality import QualityError, check_quality_report
+    from ..runtime import RankOptions, exit_process, run_rank
+
+    try:
+        config = PPStageConfig.from_toml(args.config)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if config.recompute.mode == "r0":
+            # The R0 rollout gate, checked by every rank before any collective so
+            # that all refuse together (the report path must exist on every node).
+            check_quality_report(config)
+    except (ConfigError, QualityError, KeyError, ValueError) as exc:
+        print(f"ppstage launch: {exc}")
+        return 2
+    opts = RankOptions(
+        rank=rank,
+        world_size=world,
+        master_addr=None,  # env:// (MASTER_ADDR / MASTER_PORT), as torchrun sets them
+        chunks=args.chunks,
+        script=script_from_args(args),
+        summary_out=args.summary_out,
+        json_logs=args.json_logs,
+        progress=not args.quiet,
+    )
+    exit_process(run_rank(config, opts))
+    return 0  # not reached

@@ -1,0 +1,72 @@
+"""``ppstage demo``: run a local pipeline, then check it against the reference pipeline.
+
+The check: every emitted chunk's output digest equals the single-process
+reference pipeline's digest for the same ``chunk_index``; every chunk that
+was not emitted was dropped by a hard cut (its epoch was superseded), never
+lost for another reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+
+@dataclass
+class DigestCheck:
+    compared: int
+    matched: int
+    mismatched: list[int]
+    dropped_by_cut: list[int]
+    missing: list[int]
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched and not self.missing and self.matched == self.compared
+
+
+def check_digests(events: Sequence[dict[str, Any]], reference: Sequence[Any]) -> DigestCheck:
+    """Compare rank 0's per-chunk events with reference ``ChunkRecord``s."""
+    ref = {r.chunk_index: r for r in reference}
+    last_epoch = max((e["cache_epoch"] for e in events), default=0)
+    matched, mismatched, dropped, missing = 0, [], [], []
+    compared = 0
+    for e in events:
+        k = e["chunk_index"]
+        if e["outcome"] == "emitted":
+            compared += 1
+            if k in ref and ref[k].output_digest == e["output_digest"] and ref[k].cache_epoch == e["cache_epoch"]:
+                matched += 1
+            else:
+                mismatched.append(k)
+        elif e["outcome"] in ("stale_epoch", "flushed") and e["cache_epoch"] < last_epoch:
+            dropped.append(k)
+        else:
+            missing.append(k)
+    return DigestCheck(compared, matched, mismatched, dropped, missing)
+
+
+def format_summary(summary: dict[str, Any], check: DigestCheck | None, *, stages: int, tp: int, mode: str) -> str:
+    s = summary
+    rows = [
+        ("topology", f"rank 0 + {stages} stage(s) x tp {tp}, mode {mode}"),
+        ("chunks emitted / planned", f"{s['chunks_emitted']} / {s['chunks_planned']}"),
+        ("frames/s", f"{s['frames_per_s']:.1f}"),
+        ("median period", f"{s['median_period_ms']:.1f} ms"),
+        ("median stage-0 time (build+decode)", f"{s['median_s0_ms']:.1f} ms"),
+        ("median generator time", f"{s['median_s1_ms']:.1f} ms"),
+        ("per-stage median", ", ".join(f"s{i + 1} {v:.1f} ms" for i, v in enumerate(s["stage_median_ms"]))),
+        ("queue maxima", f"in flight {s['max_in_flight']}, decode {s['max_decode_queue']}"),
+        ("OverlapScore", f"{s['overlap_score']:.2f}"),
+        ("dropped", ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "none"),
+    ]
+    if check is not None:
+        verdict = "ALL MATCH" if check.ok else "MISMATCH"
+        rows.append(
+            ("digests vs reference", f"{check.matched}/{check.compared} match ({verdict})"
+             + (f"; mismatched {check.mismatched}" if check.mismatched else "")
+             + (f"; lost {check.missing}" if check.missing else "")
+             + (f"; dropped by hard cut {check.dropped_by_cut}" if check.dropped_by_cut else ""))
+        )
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,167 @@
+"""One rank's process: bootstrap, parity handshake, groups, then its actor.
+
+Order on every rank (SPEC section 7): init the default process group ->
+parity handshake (the first collective) -> ``build_groups`` (one site, one
+order) -> transport -> the rank's actor. Exit codes: 0 after an orderly
+SHUTDOWN, 1 for any pipeline failure (typed, logged with its chunk identity),
+2 for a parity failure. The process ends with ``os._exit``: transport threads
+blocked in a backend receive cannot be interrupted, and there are no exit
+barriers to wait on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from protocol import ProtocolError
+
+from . import logs
+from .config import PPStageConfig
+from .errors import ParityError
+from .reference import StreamScript
+
+EXIT_OK, EXIT_FAILED, EXIT_PARITY = 0, 1, 2
+
+
+class RankOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """What one rank needs besides the parity-checked config."""
+
+    rank: int
+    world_size: int
+    master_addr: str | None = "127.0.0.1"
+    master_port: int = 29500
+    chunks: int = 12
+    script: StreamScript = msgspec.field(default_factory=StreamScript)
+    summary_out: str | None = None
+    json_logs: bool = False
+    progress: bool = True
+
+
+def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
+    """Run this rank to completion and return its exit code (does not exit)."""
+    import torch
+
+    from .parity import parity_handshake
+    from .topology import build_groups, role_for
+    from .transport import init_process_group
+
+    torch.set_num_threads(1)
+    role = role_for(config, opts.rank)
+    logs.configure(rank=opts.rank, stage=role.stage, json=opts.json_logs)
+    log = structlog.get_logger("ppstage.runtime")
+    init_process_group(config, opts.rank, opts.world_size, opts.master_addr, opts.master_port)
+    try:
+        parity_handshake(config, role, None, {})
+    except ParityError as exc:
+        log.error("parity handshake failed", report=str(exc))
+        print(f"rank {opts.rank}: {exc}", file=sys.stderr)
+        return EXIT_PARITY
+    groups = build_groups(config, opts.rank)
+    log.info("started", world_size=opts.world_size, layers=role.layer_range, tp_rank=role.tp_rank)
+
+    if role.stage > 0 and not role.is_leader:
+        return _run_follower(config, role, groups, log)
+
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_run_actor(config, role, groups, opts, log))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
+    from .stages.generator import StageLeader
+    from .stages.stage0 import Stage0Actor
+    from .topology import MeshComm
+    from .transport import Transport
+
+    loop = asyncio.get_running_loop()
+    fatal: asyncio.Future = loop.create_future()
+
+    def on_fatal(exc: ProtocolError) -> None:
+        log.error("channel failed", reason=str(exc), error=type(exc).__name__)
+        if not fatal.done():
+            fatal.set_result(exc)
+
+    transport = Transport(
+        config, role, groups, loop=loop, geometry=config.wire_geometry(), on_fatal=on_fatal
+    )
+    if role.stage == 0:
+        progress = _print_progress if opts.progress else None
+        actor = Stage0Actor(config, role, transport, opts.script, opts.chunks, fatal, progress=progress)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, actor.on_sigterm)
+        outcome = await actor.run()
+        if opts.summary_out:
+            payload = {
+                "exit_code": outcome.exit_code,
+                "error": outcome.error,
+                "summary": outcome.summary,
+                "events": outcome.events,
+                "config_digest": config.digest(),
+                "gate": actor.gate.statistics(),
+            }
+            Path(opts.summary_out).write_bytes(msgspec.json.encode(payload))
+        if outcome.exit_code == 0:
+            log.info("stream complete", **(actor.gate.statistics()))
+        return outcome.exit_code
+    leader = StageLeader(config, role, transport, MeshComm(role, groups), fatal)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, leader.on_sigterm)
+    return await leader.run()
+
+
+def _run_follower(config, role, groups, log) -> int:
+    """Non-leader mesh rank: the worker thread follows broadcasts; this thread watches it."""
+    from .stages.generator import MeshFollower
+    from .topology import MeshComm
+
+    follower = MeshFollower(config, role, MeshComm(role, groups))
+    result: list[int] = []
+    term = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: term.set())
+    signal.signal(signal.SIGINT, lambda *_: term.set())
+    worker = threading.Thread(target=lambda: result.append(follower.run_blocking()), daemon=True)
+    worker.start()
+    deadline = config.runtime.stage_idle_deadline_s
+    drain_by = None
+    while worker.is_alive():
+        worker.join(0.2)
+        if term.is_set() and drain_by is None:
+            drain_by = time.monotonic() + config.runtime.drain_deadline_s
+        if drain_by is not None and time.monotonic() > drain_by:
+            log.error("sigterm: no SHUTDOWN from the leader within the drain deadline")
+            return EXIT_FAILED
+        if time.monotonic() - follower.last_activity > deadline:
+            log.error("watchdog: no broadcast from the stage leader", deadline_s=deadline)
+            return EXIT_FAILED
+    return result[0] if result else EXIT_FAILED
+
+
+def _print_progress(ev) -> None:
+    digest = (ev.output_digest or "")[:12]
+    print(
+        f"chunk {ev.chunk_index:4d}  epoch {ev.cache_epoch}  emitted  digest {digest}  "
+        f"stage0 {1e3 * ev.s0:6.1f} ms  generator {1e3 * ev.s1:6.1f} ms",
+        flush=True,
+    )
+
+
+def exit_process(code: int) -> None:
+    """End the process now (see the module docstring for why not ``sys.exit``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,319 @@
+"""Generator stage actors: ``StageLeader`` (P2P + mesh publisher) and ``MeshFollower``.
+
+Per chunk (phase B), on every generator rank in lockstep: apply the plan's
+resets, run the recompute call if planned, run the denoise calls over this
+stage's layer range counting them, end the chunk and compare lifecycle state
+digests across the mesh. Hidden states hop leader to leader; the last stage
+does the scheduler step and hands the latent back to stage 1 for the next
+step; after the last step it sends the result to rank 0.
+
+Threads: the asyncio loop orchestrates and never blocks; the transport's
+threads own P2P; ONE worker thread per rank runs the model and issues every
+mesh collective (so the collective order is identical on every mesh rank).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import structlog
+import torch
+
+from protocol import (
+    ChunkResult,
+    ErrorEnvelope,
+    InferEnvelope,
+    NoopEnvelope,
+    ProtocolError,
+    ShutdownEnvelope,
+    StageHop,
+    StageReport,
+    action_of,
+)
+
+from ..config import PPStageConfig
+from ..errors import ChannelDead, WatchdogExpired
+from ..logs import ids_of
+from ..model.digest import tensor_digest
+from ..model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step
+from ..model.stage import GeneratorStage
+from ..topology import MeshComm, Role
+from ..transport import Inbound, Transport
+from .envelopes import error_result, hop, ok_result
+from .mesh import MeshRelay
+
+log = structlog.get_logger("ppstage.stage")
+
+
+def build_stage_model(config: PPStageConfig, role: Role, comm: MeshComm) -> GeneratorStage:
+    assert role.layer_range is not None  # generator ranks always own layers
+    reduce = comm.all_reduce if role.tp_size > 1 else None
+    return GeneratorStage(
+        config, role.layer_range, tp_rank=role.tp_rank, tp_size=role.tp_size, reduce=reduce
+    )
+
+
+class StageLeader:
+    """The first rank of a stage mesh: talks P2P to its neighbours, validates, publishes."""
+
+    def __init__(
+        self,
+        config: PPStageConfig,
+        role: Role,
+        transport: Transport,
+        comm: MeshComm,
+        fatal: asyncio.Future,
+    ) -> None:
+        self.config = config
+        self.role = role
+        self.transport = transport
+        self.model = build_stage_model(config, role, comm)
+        self.relay = MeshRelay(comm, role.rank)
+        self.scheduler = FlowMatchScheduler.from_config(config)
+        self.fatal = fatal
+        self.first = role.is_first_stage
+        self.last = role.is_last_stage
+        assert role.prev_rank is not None and role.next_rank is not None
+        self.upstream = transport.open_inbound(role.prev_rank)
+        self.handback = transport.open_inbound(role.handback_src) if role.handback_src is not None else None
+        self.next_rank = role.next_rank  # rank 0 for the last stage (results)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"stage{role.stage}-worker")
+        self._call_cost_s = config.runtime.simulated_call_ms / 1e3 / role.num_stages
+        self._idle_s = config.runtime.stage_idle_deadline_s
+        self._drain_by: float | None = None
+        self._log = log.bind(rank=role.rank, stage=role.stage, group=f"mesh{role.stage}")
+
+    # -- lifecycle of the actor --------------------------------------------
+    def on_sigterm(self) -> None:
+        """Keep serving until rank 0's SHUTDOWN, but no longer than the drain deadline."""
+        if self._drain_by is None:
+            self._drain_by = time.monotonic() + self.config.runtime.drain_deadline_s
+            self._log.info("sigterm: waiting for SHUTDOWN from rank 0")
+
+    async def run(self) -> int:
+        current: Any = None
+        try:
+            while True:
+                item = await self._next(self.upstream, "an envelope")
+                msg = current = item.msg
+                action = action_of(msg)
+                self._log.debug("received", action=action, src=self.role.prev_rank, **ids_of(msg))
+                if item.error is not None:
+                    raise item.error
+                if action == "INFER":
+                    await self._chunk(msg, item.tensors)
+                elif action == "NOOP":
+                    await self._relay(msg)
+                elif action == "SHUTDOWN":
+                    await self._relay(msg)
+                    self._log.info("shutdown relayed", **ids_of(msg))
+                    return 0
+                elif action == "ERROR":
+                    return await self._relay_error(msg)
+                else:
+                    raise ProtocolError(f"unexpected {action} while waiting for an envelope", **ids_of(msg))
+        except ProtocolError as exc:
+            return await self._terminal(current, exc)
+        except Exception as exc:  # a bug or a torch error: still end the chain loudly
+            self._log.exception("stage failed")
+            return await self._terminal(current, ProtocolError(f"{type(exc).__name__}: {exc}"))
+
+    # -- one chunk -----------------------------------------------------------
+    async def _chunk(self, env: InferEnvelope, tensors: dict[str, torch.Tensor]) -> None:
+        t0 = time.perf_counter()
+        ordered = [tensors[s.name] for s in env.tensors]
+        if not self.last:
+            await self.transport.send(self.next_rank, env, ordered)
+        await self._work(self._begin, env, ordered)
+        steps = [int(t) for t in tensors["denoising_step_list"].tolist()]
+        n = len(steps)
+        if env.do_kv_recompute:
+            if self.first:
+                x = tensors["context_frames_override"]
+            else:
+                x = (await self._hop(self.upstream, env, "recompute", -1, "hidden")).tensors["hidden"]
+            y = await self._work(self._call, env, "recompute", -1, RECOMPUTE_TIMESTEP, x)
+            if not self.last:
+                await self.transport.send(self.next_rank, hop(env, call_kind="recompute", step=-1, target="hidden", tensor=y), [y])
+        x_t = tensors["latents_in"]
+        upstream_reports: tuple[StageReport, ...] = ()
+        for i, t in enumerate(steps):
+            if not self.first:
+                h = await self._hop(self.upstream, env, "denoise", i, "hidden")
+                x = h.tensors["hidden"]
+                upstream_reports = h.msg.stages
+            elif i == 0 or self.handback is None:
+                x = x_t  # step 0: the envelope's latents; K == 1: our own re-noised latent
+            else:
+                x = (await self._hop(self.handback, env, "denoise", i, "latent")).tensors["latents"]
+            y = await self._work(self._call, env, "denoise", i, float(t), x)
+            final = i == n - 1
+            report: tuple[StageReport, ...] = ()
+            if final:
+                state = await self._work(self._end, env)
+                report = (
+                    StageReport(
+                        stage=self.role.stage,
+                        current_start_frame=state.current_start_frame,
+                        global_end_index=state.global_end_index,
+                        local_end_index=state.local_end_index,
+                        state_digest=self.model.state_digest(),
+                        observed_generator_calls=state.calls_made,
+                        duration_s=time.perf_counter() - t0,
+                    ),
+                )
+            if not self.last:
+                msg = hop(env, call_kind="denoise", step=i, target="hidden", tensor=y,
+                          stages=upstream_reports + report)
+                await self.transport.send(self.next_rank, msg, [y])
+                continue
+            x0, x_next = denoise_step(self.scheduler, env, steps, i, x_t, y)
+            if final:
+                result = ok_result(env, x0, tensor_digest(x0), upstream_reports + report)
+                await self.transport.send(0, result, [x0])
+                self._log.debug("result sent", dst=0, **ids_of(env))
+            else:
+                assert x_next is not None
+                x_t = x_next
+                if self.role.handback_dst is not None:
+                    msg = hop(env, call_kind="denoise", step=i + 1, target="latent", tensor=x_next)
+                    await self.transport.send(self.role.handback_dst, msg, [x_next])
+
+    # -- worker-thread bodies (model + mesh collectives) ----------------------
+    def _begin(self, env: InferEnvelope, ordered: list[torch.Tensor]) -> None:
+        self.relay.publish(env, ordered)
+        cond = ordered[[s.name for s in env.tensors].index("conditioning_embeds")]
+        self.model.begin_chunk(env, cond)
+
+    def _call(self, env: InferEnvelope, kind: str, step: int, timestep: float, x: torch.Tensor) -> torch.Tensor:
+        if self.relay.active:
+            target = "latent" if self.first else "hidden"
+            self.relay.publish(hop(env, call_kind=kind, step=step, target=target, tensor=x), [x])
+        y = self.model.run_call(kind, timestep, x)  # type: ignore[arg-type]
+        if self._call_cost_s:
+            time.sleep(self._call_cost_s)  # simulated generator cost (config.runtime)
+        return y
+
+    def _end(self, env: InferEnvelope):
+        state = self.model.end_chunk()
+        self.relay.check_digest(self.model.state_digest(), ids_of(env))
+        return state
+
+    async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    # -- receiving with deadlines -----------------------------------------------
+    async def _next(self, queue: asyncio.Queue[Inbound], what: str) -> Inbound:
+        deadline = self._idle_s
+        if self._drain_by is not None:
+            deadline = min(deadline, self._drain_by - time.monotonic())
+        getter = asyncio.ensure_future(queue.get())
+        done, _ = await asyncio.wait({getter, self.fatal}, timeout=max(deadline, 0.0),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if self.fatal in done:
+            raise self.fatal.result()
+        if self._drain_by is not None and time.monotonic() >= self._drain_by:
+            raise WatchdogExpired("SIGTERM received and no SHUTDOWN arrived within the drain deadline")
+        raise WatchdogExpired(f"no message within {self._idle_s:.1f}s while waiting for {what}")
+
+    async def _hop(self, queue, env: InferEnvelope, kind: str, step: int, target: str) -> Inbound:
+        item = await self._next(queue, f"the {kind} hop of step {step}")
+        msg = item.msg
+        if item.error is not None:
+            raise item.error
+        if isinstance(msg, ErrorEnvelope):
+            raise ProtocolError(f"upstream failed: {msg.reason}", **ids_of(msg))
+        if not isinstance(msg, StageHop) or (
+            msg.cache_epoch, msg.call_id, msg.chunk_index, msg.call_kind, msg.step, msg.target
+        ) != (env.cache_epoch, env.call_id, env.chunk_index, kind, step, target):
+            raise ProtocolError(
+                f"expected the {kind} {target} hop of step {step}, got {action_of(msg)} "
+                f"{getattr(msg, 'call_kind', '')} step {getattr(msg, 'step', '')}",
+                **ids_of(msg),
+            )
+        return item
+
+    # -- relaying control messages and failing loudly ---------------------------
+    async def _relay(self, msg: NoopEnvelope | ShutdownEnvelope | ErrorEnvelope) -> None:
+        if not self.last:
+            await self.transport.send(self.next_rank, msg, [])
+        await self._work(self.relay.publish, msg, [])
+
+    async def _relay_error(self, msg: ErrorEnvelope) -> int:
+        self._log.error("terminal action received", reason=msg.reason, origin=msg.origin_rank, **ids_of(msg))
+        await self._best_effort(self._work(self.relay.publish, msg, []))
+        if not self.last:
+            await self._best_effort(self.transport.send(self.next_rank, msg, []))
+        elif msg.origin_rank != 0:
+            await self._best_effort(self.transport.send(0, error_result(msg, msg.reason), []))
+        if self.role.handback_dst is not None:
+            await self._best_effort(self.transport.send(self.role.handback_dst, msg, []))
+        return 1
+
+    async def _terminal(self, current: Any, exc: ProtocolError) -> int:
+        """Invalid input or a broken contract: end the mesh, tell rank 0, exit non-zero."""
+        ids = dict(
+            call_id=exc.call_id if exc.call_id is not None else getattr(current, "call_id", 0),
+            chunk_index=exc.chunk_index if exc.chunk_index is not None else getattr(current, "chunk_index", 0),
+            cache_epoch=exc.cache_epoch if exc.cache_epoch is not None else getattr(current, "cache_epoch", 0),
+        )
+        reason = f"stage {self.role.stage} (rank {self.role.rank}): {type(exc).__name__}: {exc}"
+        self._log.error("stage failed", reason=reason, **ids)
+        if isinstance(exc, ChannelDead):
+            return 1  # the link is gone or half-framed: never send on it again
+        err = ErrorEnvelope(reason=reason, origin_rank=self.role.rank, **ids)
+        return await self._relay_error(err)
+
+    @staticmethod
+    async def _best_effort(aw) -> None:
+        try:
+            await asyncio.wait_for(aw, timeout=2.0)
+        except Exception:  # the peer may already be gone; the report was logged
+            pass
+
+
+class MeshFollower:
+    """A non-leader mesh rank: follows the leader's broadcasts in its worker thread."""
+
+    def __init__(self, config: PPStageConfig, role: Role, comm: MeshComm) -> None:
+        self.config = config
+        self.role = role
+        self.model = build_stage_model(config, role, comm)
+        self.relay = MeshRelay(comm, role.leader_of(role.stage))
+        self.last_activity = time.monotonic()
+        self._log = log.bind(rank=role.rank, stage=role.stage, group=f"mesh{role.stage}")
+
+    def run_blocking(self) -> int:
+        env: InferEnvelope | None = None
+        steps: list[int] = []
+        try:
+            while True:
+                msg, tensors = self.relay.receive()
+                self.last_activity = time.monotonic()
+                if isinstance(msg, InferEnvelope):
+                    env = msg
+                    steps = [int(t) for t in tensors["denoising_step_list"].tolist()]
+                    self.model.begin_chunk(env, tensors["conditioning_embeds"])
+                elif isinstance(msg, StageHop):
+                    if env is None or (msg.cache_epoch, msg.call_id) != (env.cache_epoch, env.call_id):
+                        raise ProtocolError("mesh hop without its envelope", **ids_of(msg))
+                    t = RECOMPUTE_TIMESTEP if msg.call_kind == "recompute" else float(steps[msg.step])
+                    self.model.run_call(msg.call_kind, t, next(iter(tensors.values())))
+                    if self.model.lifecycle.state.calls_made == env.expected_generator_calls:
+                        self.model.end_chunk()
+                        self.relay.check_digest(self.model.state_digest(), ids_of(env))
+                elif isinstance(msg, ShutdownEnvelope):
+                    self._log.info("shutdown", **ids_of(msg))
+                    return 0
+                elif isinstance(msg, ErrorEnvelope):
+                    self._log.error("terminal action from leader", reason=msg.reason, **ids_of(msg))
+                    return 1
+        except ProtocolError as exc:
+            self._log.error("mesh follower failed", reason=str(exc))
+            return 1

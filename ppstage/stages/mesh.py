@@ -1,0 +1,84 @@
+"""Relaying wire messages from a stage leader into its tensor-parallel mesh.
+
+The leader has already received and fully validated a message before it
+publishes it here (SPEC section 5: validate before any mesh collective), so
+followers never see a message the leader would refuse. A frame is broadcast
+as header -> metadata -> tensors in spec order, the same layout as the P2P
+framing; followers size every receive from the checked header and specs.
+
+Every call here is a collective on the stage's mesh group and must be issued
+from the stage's one worker thread (one owner per group, so the collective
+order is the same on every mesh rank).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from protocol import (
+    HEADER_SIZE,
+    MAX_META_BYTES,
+    WireMessage,
+    decode_metadata,
+    encode_frame,
+    parse_header,
+)
+
+from ..errors import StateDivergence
+from ..topology import MeshComm
+from ..transport._tensors import prepare_tensors, rebuild
+
+
+class MeshRelay:
+    """Leader: ``publish``; followers: ``receive``. Buffers are created once."""
+
+    def __init__(self, comm: MeshComm, leader_rank: int) -> None:
+        self.comm = comm
+        self.leader_rank = leader_rank
+        self._header = torch.empty(HEADER_SIZE, dtype=torch.uint8)
+        self._meta = torch.empty(MAX_META_BYTES, dtype=torch.uint8)
+        self._digest = torch.empty(16, dtype=torch.uint8)
+
+    @property
+    def active(self) -> bool:
+        return self.comm.size > 1
+
+    def publish(self, msg: WireMessage, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
+        if not self.active:
+            return
+        ids = dict(call_id=msg.call_id, chunk_index=msg.chunk_index, cache_epoch=msg.cache_epoch)
+        _, flats = prepare_tensors(msg.tensors, tensors, torch.device("cpu"), fill_digests=False, ids=ids)
+        head, meta = encode_frame(msg)
+        self._header.copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+        self.comm.broadcast(self._header, self.leader_rank)
+        view = self._meta[: len(meta)]
+        view.copy_(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
+        self.comm.broadcast(view, self.leader_rank)
+        for flat in flats:
+            self.comm.broadcast(flat, self.leader_rank)
+
+    def receive(self) -> tuple[WireMessage, dict[str, torch.Tensor]]:
+        self.comm.broadcast(self._header, self.leader_rank)
+        head = bytes(self._header.numpy())
+        header = parse_header(head)
+        view = self._meta[: header.meta_len]
+        self.comm.broadcast(view, self.leader_rank)
+        msg = decode_metadata(header, head, bytes(view.numpy()))
+        tensors: dict[str, torch.Tensor] = {}
+        for spec in msg.tensors:
+            flat = torch.empty(spec.nbytes, dtype=torch.uint8)
+            self.comm.broadcast(flat, self.leader_rank)
+            tensors[spec.name] = rebuild(spec, flat)
+        return msg, tensors
+
+    def check_digest(self, digest_hex: str, ids: dict[str, int]) -> None:
+        """Every mesh rank compares its lifecycle state digest with the others'."""
+        if not self.active:
+            return
+        self._digest.copy_(torch.frombuffer(bytearray(bytes.fromhex(digest_hex)), dtype=torch.uint8))
+        gathered = self.comm.all_gather(self._digest)
+        values = [bytes(t.numpy()).hex() for t in gathered]
+        if len(set(values)) != 1:
+            ranks = self.comm.role.ranks_of(self.comm.stage)
+            detail = ", ".join(f"rank {r}: {v[:8]}" for r, v in zip(ranks, values))
+            raise StateDivergence(f"mesh ranks hold different lifecycle states ({detail})", **ids)

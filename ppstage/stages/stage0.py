@@ -1,0 +1,348 @@
+"""``Stage0Actor``: rank 0, the control plane (SPEC section 2, phases A and C).
+
+planner -> envelope -> in-flight credit (``D_in``) -> send; receive -> epoch
+gate -> decode queue (``D_out``) -> decode in a worker thread -> output sink.
+
+Overlap: the producer sends the envelope of chunk k+1 as soon as credit and
+the plan's inputs allow, independently of chunk k's decode; only an R0a
+steady-state recompute waits, and only for the one decoded anchor it needs.
+A hard cut moves the gate's epoch when its plan is registered: results of the
+old epoch still in flight are received (framing) and dropped by epoch, and
+old-epoch entries still in the decode queue are flushed, never emitted.
+
+Rank 0 also keeps a shadow ``CacheLifecycle`` fed the same plans in the same
+order as the stages: every stage's reported state digest must equal it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+import torch
+
+from protocol import (
+    ChunkResult,
+    DigestMismatch,
+    ErrorEnvelope,
+    NoopEnvelope,
+    ProtocolError,
+    ShutdownEnvelope,
+    action_of,
+)
+
+from ..config import PPStageConfig
+from ..errors import StateDivergence, WatchdogExpired
+from ..gate import EpochGate
+from ..lifecycle import CacheLifecycle
+from ..logs import ids_of
+from ..model.digest import tensor_digest
+from ..model.stage import cache_geometry
+from ..plan import ChunkPlan
+from ..planner import Planner
+from ..reference import StreamScript
+from ..stream_inputs import StaleInputs, StreamInputs
+from ..topology import Role
+from ..transport import Transport
+from .envelopes import infer_envelope
+from .metrics import ChunkEvents, RunSummary, summarize
+from .watchdog import ResultDeadline
+
+log = structlog.get_logger("ppstage.stage0")
+
+Sink = Callable[[ChunkPlan, torch.Tensor], None]
+
+
+@dataclass
+class Stage0Outcome:
+    exit_code: int
+    summary: RunSummary | None
+    events: list[ChunkEvents] = field(default_factory=list)
+    error: str | None = None
+
+
+class Stage0Actor:
+    def __init__(
+        self,
+        config: PPStageConfig,
+        role: Role,
+        transport: Transport,
+        script: StreamScript,
+        chunks: int,
+        fatal: asyncio.Future,
+        *,
+        sink: Sink | None = None,
+        progress: Callable[[ChunkEvents], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.role = role
+        self.transport = transport
+        self.script = script
+        self.chunks = chunks
+        self.fatal = fatal
+        self.sink = sink
+        self.progress = progress
+        self.planner = Planner(config)
+        self.gate = EpochGate()
+        self.stream = StreamInputs(config)
+        self.shadow = CacheLifecycle(cache_geometry(config))
+        self.events: dict[int, ChunkEvents] = {}
+        self.expected_digest: dict[int, str] = {}
+        self.plans: dict[int, ChunkPlan] = {}
+        self.leader1 = role.leader_of(1)
+        self.results = transport.open_inbound(role.leader_of(role.num_stages))
+        rt = config.runtime
+        self.deadline = ResultDeadline(minimum_s=rt.result_deadline_min_s, factor=rt.result_deadline_factor)
+        self._decode_q: asyncio.Queue[tuple[ChunkPlan, torch.Tensor]] = asyncio.Queue(maxsize=rt.d_out)
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="stage0-decode")
+        self._progress = asyncio.Event()
+        self._stopping = False
+        self._plan_pending = False
+        self._last_send = time.monotonic()
+        self._decoding = False
+        self._last_result_t: float | None = None
+        self.max_in_flight = 0
+        self.max_decode_queue = 0
+        self.flushed = 0
+        self._log = log.bind(rank=0, stage=0)
+
+    def on_sigterm(self) -> None:
+        if not self._stopping:
+            self._log.info("sigterm: stop planning, drain, shut down")
+            self._stopping = True
+            self._progress.set()
+
+    # -- main ----------------------------------------------------------------
+    async def run(self) -> Stage0Outcome:
+        t_start = time.perf_counter()
+        tasks = [
+            asyncio.ensure_future(self._receive()),
+            asyncio.ensure_future(self._decode()),
+            asyncio.ensure_future(self._keepalive()),
+        ]
+        producer = asyncio.ensure_future(self._produce())
+        try:
+            await self._until(producer, tasks)
+            await self._drain(tasks)
+            ids = self.planner.control_ids()
+            await self.transport.send(self.leader1, ShutdownEnvelope(**_ids(ids)), [])
+            self._log.info("shutdown sent", **_ids(ids))
+            code, error = 0, None
+        except ProtocolError as exc:
+            code, error = 1, f"{type(exc).__name__}: {exc}"
+            self._log.error("pipeline failed", reason=error)
+            await self._send_error(error)
+        finally:
+            for t in [producer, *tasks]:
+                t.cancel()
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+        events = [self.events[k] for k in sorted(self.events)]
+        summary = summarize(
+            events,
+            frames_per_chunk=self.config.cache.chunk_frames,
+            max_in_flight=self.max_in_flight,
+            max_decode_queue=self.max_decode_queue,
+            dropped={**dict(self.gate.dropped), "flushed": self.flushed},
+            wall_s=time.perf_counter() - t_start,
+        )
+        return Stage0Outcome(code, summary, events, error)
+
+    async def _until(self, main: asyncio.Future, helpers: list[asyncio.Future]) -> None:
+        """Await ``main``; a helper task or the transport failing first raises its error."""
+        watch = {main, self.fatal, *helpers}
+        done, _ = await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+        for d in done:
+            if d is not main and (d is self.fatal or d.exception() is not None):
+                raise d.result() if d is self.fatal else d.exception()  # type: ignore[misc]
+        main.result()
+
+    # -- phase A: plan, build, send ------------------------------------------------
+    async def _produce(self) -> None:
+        d_in = self.config.runtime.d_in
+        for k in range(self.chunks):
+            if self._stopping:
+                break
+            for intent in self.script.intents_at(k):
+                self.planner.submit(intent)
+            await self._wait(lambda: self.gate.in_flight() < d_in or self._stopping)
+            if self._stopping:
+                break
+            self._plan_pending = True
+            plan = self.planner.next_chunk()
+            if plan.init_cache and k > 0:
+                self._log.info("hard cut", forced=plan.forced_cut, **ids_of(plan))
+            await self._wait(lambda: self._inputs_ready(plan))
+            ev = ChunkEvents(chunk_index=plan.chunk_index, call_id=plan.call_id, cache_epoch=plan.cache_epoch)
+            self.events[plan.chunk_index] = ev
+            ev.build_start = time.perf_counter()
+            inputs = self.stream.chunk_inputs(plan)
+            env, tensors = infer_envelope(plan, inputs)
+            ev.build_end = time.perf_counter()
+            self._expect(plan)
+            await self.transport.send(self.leader1, env, tensors)
+            ev.sent = time.perf_counter()
+            self._last_send = time.monotonic()
+            self._plan_pending = False
+            self.max_in_flight = max(self.max_in_flight, self.gate.in_flight())
+            self._log.debug("envelope sent", dst=self.leader1, **ids_of(plan))
+
+    def _inputs_ready(self, plan: ChunkPlan) -> bool:
+        # A plan of a new epoch needs nothing from the old one; otherwise the
+        # stream must hold the latents (and, R0a, the decoded anchor) it needs.
+        return plan.cache_epoch > self.stream.cache_epoch or self.stream.anchor_ready(plan)
+
+    def _expect(self, plan: ChunkPlan) -> None:
+        """Register the plan with the gate and advance the shadow lifecycle."""
+        self.gate.expect(plan)
+        self.plans[plan.call_id] = plan
+        self.shadow.begin_chunk(plan)
+        for i in range(plan.expected_generator_calls):
+            self.shadow.record_call("recompute" if plan.do_kv_recompute and i == 0 else "denoise")
+        self.shadow.end_chunk()
+        self.expected_digest[plan.call_id] = self.shadow.digest()
+
+    # -- phase C: gate, decode, emit -----------------------------------------------
+    async def _receive(self) -> None:
+        while True:
+            timeout = self.deadline.deadline_s() if self.gate.in_flight() else None
+            try:
+                item = await asyncio.wait_for(self.results.get(), timeout)
+            except asyncio.TimeoutError:
+                raise WatchdogExpired(
+                    f"no result within {timeout:.1f}s with {self.gate.in_flight()} chunk(s) in flight"
+                ) from None
+            msg = item.msg
+            if item.error is not None:
+                raise item.error
+            if isinstance(msg, ErrorEnvelope):
+                raise ProtocolError(f"pipeline reported: {msg.reason}", **ids_of(msg))
+            if not isinstance(msg, ChunkResult):
+                raise ProtocolError(f"unexpected {action_of(msg)} on the result link", **ids_of(msg))
+            latents = item.tensors.get("latents_out")
+            verdict = self.gate.admit(msg)
+            ev = self.events.get(msg.chunk_index)
+            if not verdict.accepted:
+                self._log.info("result dropped", reason=verdict.reason, **ids_of(msg))
+                if ev is not None and ev.outcome == "in_flight":
+                    ev.outcome = verdict.reason
+                self._progress.set()
+                continue
+            assert latents is not None  # the gate refuses an ok result without it
+            self._check_result(msg, latents)
+            plan = self.plans.pop(msg.call_id)
+            now = time.perf_counter()
+            if self._last_result_t is not None:
+                self.deadline.observe(now - self._last_result_t)
+            self._last_result_t = now
+            if ev is not None:
+                ev.received = now
+                ev.stage_durations = tuple(s.duration_s for s in msg.stages)
+                ev.output_digest = msg.output_digest
+            self.stream.record_latents(plan, latents)
+            self._progress.set()
+            await self._decode_q.put((plan, latents))
+            self.max_decode_queue = max(self.max_decode_queue, self._decode_q.qsize())
+
+    def _check_result(self, msg: ChunkResult, latents: torch.Tensor) -> None:
+        if tensor_digest(latents) != msg.output_digest:
+            raise DigestMismatch("latents_out does not match the output digest", **ids_of(msg))
+        want = self.expected_digest.pop(msg.call_id)
+        plan = self.plans[msg.call_id]
+        for s in msg.stages:
+            if s.state_digest != want or s.current_start_frame != plan.current_start_frame:
+                raise StateDivergence(
+                    f"stage {s.stage} reports lifecycle state {s.state_digest[:8]} at start frame "
+                    f"{s.current_start_frame}; rank 0's plan gives {want[:8]} at {plan.current_start_frame}",
+                    **ids_of(msg),
+                )
+        if len(msg.stages) != self.role.num_stages:
+            raise ProtocolError(f"{len(msg.stages)} stage reports, expected {self.role.num_stages}", **ids_of(msg))
+
+    async def _decode(self) -> None:
+        loop = asyncio.get_running_loop()
+        cost_s = self.config.runtime.simulated_decode_ms / 1e3
+        while True:
+            plan, latents = await self._decode_q.get()
+            ev = self.events[plan.chunk_index]
+            if plan.cache_epoch < self.gate.epoch:
+                self._flush(ev)
+                continue
+            self._decoding = True
+            ev.decode_start = time.perf_counter()
+            try:
+                pixels = await loop.run_in_executor(self._decoder, self._decode_one, plan, latents, cost_s)
+            except StaleInputs:
+                pixels = None
+            finally:
+                self._decoding = False
+            ev.decode_end = time.perf_counter()
+            if pixels is None or plan.cache_epoch < self.gate.epoch:
+                self._flush(ev)
+                continue
+            if self.sink is not None:
+                self.sink(plan, pixels)
+            ev.emitted = time.perf_counter()
+            ev.outcome = "emitted"
+            self._log.debug("chunk emitted", **ids_of(plan))
+            if self.progress is not None:
+                self.progress(ev)
+            self._progress.set()
+
+    def _decode_one(self, plan: ChunkPlan, latents: torch.Tensor, cost_s: float) -> torch.Tensor:
+        pixels = self.stream.decode(plan, latents)
+        if cost_s:
+            time.sleep(cost_s)  # simulated stage-0 cost (config.runtime.simulated_decode_ms)
+        return pixels
+
+    def _flush(self, ev: ChunkEvents) -> None:
+        ev.outcome = "flushed"
+        self.flushed += 1
+        self._progress.set()
+        self._log.info("decode flushed by hard cut", chunk_index=ev.chunk_index, cache_epoch=ev.cache_epoch)
+
+    # -- liveness and shutdown ---------------------------------------------------
+    async def _keepalive(self) -> None:
+        interval = self.config.runtime.keepalive_interval_s
+        while True:
+            await asyncio.sleep(interval / 4)
+            if self._plan_pending or time.monotonic() - self._last_send < interval:
+                continue
+            ids = self.planner.control_ids()
+            await self.transport.send(self.leader1, NoopEnvelope(**_ids(ids)), [])
+            self._last_send = time.monotonic()
+
+    async def _drain(self, tasks: list[asyncio.Future]) -> None:
+        budget = self.config.runtime.drain_deadline_s
+        waiter = asyncio.ensure_future(
+            self._wait(lambda: not self.gate.in_flight() and self._decode_q.empty() and not self._decoding)
+        )
+        try:
+            await asyncio.wait_for(self._until(waiter, tasks), budget)
+        except asyncio.TimeoutError:
+            raise WatchdogExpired(
+                f"drain missed its {budget:.1f}s deadline: {self.gate.in_flight()} result(s) in flight, "
+                f"{self._decode_q.qsize()} awaiting decode"
+            ) from None
+
+    async def _send_error(self, reason: str) -> None:
+        ids = self.planner.control_ids()
+        try:
+            await asyncio.wait_for(
+                self.transport.send(self.leader1, ErrorEnvelope(reason=reason, origin_rank=0, **_ids(ids)), []),
+                timeout=2.0,
+            )
+        except Exception:  # the chain may already be gone; the error was logged
+            pass
+
+    async def _wait(self, cond: Callable[[], bool]) -> None:
+        while not cond():
+            self._progress.clear()
+            await self._progress.wait()
+
+
+def _ids(ids: Any) -> dict[str, int]:
+    return {"call_id": ids.call_id, "chunk_index": ids.chunk_index, "cache_epoch": ids.cache_epoch}
