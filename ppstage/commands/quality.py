@@ -1,0 +1,49 @@
+"""``ppstage quality``: judge a recompute mode against a baseline on decoded frames."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "compare decoded frames of two recompute modes (PSNR, max abs diff); PASS/FAIL report"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--baseline", choices=("r1", "r0a", "r0"), default="r0a")
+    p.add_argument("--candidate", choices=("r1", "r0a", "r0"), default="r0")
+    p.add_argument("--chunks", type=int, default=12)
+    p.add_argument("--threshold", type=float, default=None, metavar="DB",
+                   help="minimum per-chunk PSNR to PASS (default 35 dB)")
+    p.add_argument("--out", default="out/quality.json", help="report JSON path")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--cut-at", type=int, action="append", default=[], metavar="K")
+    p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.add_argument("--threads", type=int, default=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit status 0 on PASS, 1 on FAIL (a gate a script can use)."""
+    from pathlib import Path
+
+    import torch
+
+    from ..config import PPStageConfig
+    from ..quality import DEFAULT_THRESHOLD_DB, format_table, run_quality, write_report
+    from .reference import script_from_args
+
+    torch.set_num_threads(args.threads)
+    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
+    report = run_quality(
+        cfg,
+        baseline=args.baseline,
+        candidate=args.candidate,
+        chunks=args.chunks,
+        script=script_from_args(args),
+        threshold_db=DEFAULT_THRESHOLD_DB if args.threshold is None else args.threshold,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_report(out, report)
+    print(format_table(report))
+    print(f"config digest {report.config_digest}; wrote {out}")
+    return 0 if report.passed else 1

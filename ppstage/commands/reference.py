@@ -1,0 +1,71 @@
+"""``ppstage reference``: run the single-process reference and write its digests and frames."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run the single-process reference model (R1/R0a/R0); write digests JSON and a contact sheet"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--mode", choices=("r1", "r0a", "r0"), default=None, help="default: the config's")
+    p.add_argument("--prompt", default=None, help="stream prompt (default: the reference's)")
+    p.add_argument("--cut-at", type=int, action="append", default=[], metavar="K")
+    p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
+    p.add_argument("--out", default="out/reference", help="output directory")
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (timings: 1)")
+
+
+def script_from_args(args: argparse.Namespace):  # -> StreamScript
+    from ..reference import DEFAULT_PROMPT, StreamScript
+    from .plan import parse_prompt_at
+
+    return StreamScript(
+        prompt=args.prompt or DEFAULT_PROMPT,
+        cut_at=tuple(args.cut_at),
+        prompt_at=parse_prompt_at(args.prompt_at),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ..config import PPStageConfig
+    from ..reference import contact_sheet, median_model_ms, run_reference, write_png
+
+    torch.set_num_threads(args.threads)
+    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
+    if args.mode:
+        cfg = cfg.with_overrides({"recompute.mode": args.mode})
+    records = run_reference(cfg, args.chunks, script_from_args(args))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    median = median_model_ms(records)
+    doc = {
+        "mode": cfg.recompute.mode,
+        "config_digest": cfg.digest(),
+        "threads": args.threads,
+        "median_model_ms": round(median, 3),
+        "chunks": [{**r.summary(), "model_ms": round(r.model_ms, 3)} for r in records],
+    }
+    (out / "digests.json").write_text(json.dumps(doc, indent=2) + "\n")
+    write_png(out / "contact_sheet.png", contact_sheet(records))
+
+    cols = ("chunk", "epoch", "start", "recomp", "source", "calls",
+            "output_digest", "state_digest", "ms")
+    print(" ".join(f"{c:>14}" if "digest" in c else f"{c:>7}" for c in cols))
+    for r in records:
+        row = (r.chunk_index, r.cache_epoch, r.current_start_frame, int(r.do_kv_recompute),
+               r.context_source, r.generator_calls)
+        print(" ".join(f"{v!s:>7}" for v in row),
+              f"{r.output_digest[:14]:>14} {r.state_digest[:14]:>14} {r.model_ms:7.2f}")
+    print(f"model time per chunk: median {median:.2f} ms over {len(records)} chunks "
+          f"({args.threads} thread{'s' if args.threads != 1 else ''}, mode {cfg.recompute.mode})")
+    print(f"wrote {out / 'digests.json'} and {out / 'contact_sheet.png'}")
+    return 0

@@ -1,0 +1,39 @@
+"""The embedded reference model: causal generator, scheduler, toy VAE and text encoder.
+
+See docs/models.md. ``GeneratorStage`` is the interface the distributed
+runtime drives; ``tensor_digest`` is the one output digest.
+"""
+
+from .backend import GeneratorBackend, Stage0Backend, ToyStage0
+from .digest import derive_seed, tensor_digest
+from .scheduler import (
+    RECOMPUTE_TIMESTEP,
+    FlowMatchScheduler,
+    denoise_chunk,
+    denoise_step,
+    initial_latents,
+    latent_shape,
+    step_noise,
+)
+from .stage import GeneratorStage, StageInputError
+from .text import ToyTextEncoder
+from .vae import ToyVAE
+
+__all__ = [
+    "RECOMPUTE_TIMESTEP",
+    "FlowMatchScheduler",
+    "GeneratorBackend",
+    "GeneratorStage",
+    "Stage0Backend",
+    "StageInputError",
+    "ToyStage0",
+    "ToyTextEncoder",
+    "ToyVAE",
+    "denoise_chunk",
+    "denoise_step",
+    "derive_seed",
+    "initial_latents",
+    "latent_shape",
+    "step_noise",
+    "tensor_digest",
+]

@@ -1,0 +1,85 @@
+"""The two seams where a real model plugs in (docs/models.md).
+
+``GeneratorBackend`` is what every generator rank runs: exactly the API of
+``GeneratorStage``. ``Stage0Backend`` is what rank 0 runs: text encoder and
+VAE. The runtime and the reference pipeline only use these methods, so a
+real model (Wan/Self-Forcing layers, a real VAE) that implements them slots
+in without touching the lifecycle, planner or transport.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, runtime_checkable
+
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..lifecycle import CacheLifecycle, ChunkWindow, LifecyclePlan, LifecycleState
+from .text import ToyTextEncoder
+from .vae import ToyVAE
+
+
+@runtime_checkable
+class GeneratorBackend(Protocol):
+    """Layers ``[a, b)`` of a causal generator with their KV and cross-attention caches.
+
+    Construction: ``(config, layer_range, *, tp_rank=0, tp_size=1, reduce=None)``.
+    Contract:
+
+    - ``begin_chunk`` applies the plan through ``lifecycle.begin_chunk`` and does
+      exactly what the returned ``ChunkWindow`` says (reset, cross-attn reset,
+      recompute rebuild, roll), in that order; it never computes an index itself.
+    - ``run_call`` first calls ``lifecycle.record_call(kind)``; denoise calls write
+      ``[write_start, write_end)`` and attend to ``[0, write_end)``; a recompute call
+      (timestep 0) rebuilds ``[0, recompute.local_end)`` from the context frames.
+    - tensor-parallel partial sums go through ``reduce``, never another collective.
+    - output is deterministic: same plans and inputs -> same bytes.
+    """
+
+    is_first: bool
+    is_last: bool
+    lifecycle: CacheLifecycle
+
+    def begin_chunk(self, plan: LifecyclePlan, conditioning: Tensor) -> ChunkWindow: ...
+
+    def run_call(self, kind: Literal["recompute", "denoise"], timestep: float, x: Tensor) -> Tensor: ...
+
+    def end_chunk(self) -> LifecycleState: ...
+
+    def state_digest(self) -> str: ...
+
+    def weight_fingerprint(self) -> str: ...
+
+
+@runtime_checkable
+class Stage0Backend(Protocol):
+    """Rank 0's models: prompt -> conditioning, latents <-> pixels.
+
+    ``encode_text(prompt) -> [text_tokens, text_dim]`` float32;
+    ``vae_decode([F, C, h, w] float32) -> [F, 3, H, W] uint8``;
+    ``vae_encode([F, 3, H, W] uint8) -> [F, C, h, w] float32``.
+    All deterministic; decode may run in a worker thread (no shared mutable state).
+    """
+
+    def encode_text(self, prompt: str) -> Tensor: ...
+
+    def vae_encode(self, pixels: Tensor) -> Tensor: ...
+
+    def vae_decode(self, latents: Tensor) -> Tensor: ...
+
+
+class ToyStage0:
+    """The embedded ``Stage0Backend``: ``ToyTextEncoder`` + ``ToyVAE``."""
+
+    def __init__(self, model_config: ModelConfig) -> None:
+        self.text = ToyTextEncoder(model_config)
+        self.vae = ToyVAE(model_config)
+
+    def encode_text(self, prompt: str) -> Tensor:
+        return self.text.encode(prompt)
+
+    def vae_encode(self, pixels: Tensor) -> Tensor:
+        return self.vae.encode(pixels)
+
+    def vae_decode(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents)

@@ -1,0 +1,202 @@
+"""``GeneratorStage``: the layers ``[a, b)`` of the generator, their caches and lifecycle.
+
+This is the interface the distributed runtime drives (one instance per
+generator rank) and the reference pipeline drives (one instance over all
+layers, or a chain of them). Every cache index comes from the stage's own
+``CacheLifecycle`` window; nothing here computes an index on the side.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from protocol import ProtocolError, digest_bytes
+
+from ..config import PPStageConfig
+from ..lifecycle import (
+    CacheGeometry,
+    CacheLifecycle,
+    CallKind,
+    ChunkWindow,
+    LifecyclePlan,
+    LifecycleState,
+)
+from .generator import Block, Head, LayerCache, PatchEmbed, RotaryTable, TimeEmbedding
+
+
+class StageInputError(ProtocolError):
+    """A tensor handed to a stage does not fit the call (shape or dtype)."""
+
+
+def _no_mesh(t: Tensor) -> Tensor:
+    return t
+
+
+def cache_geometry(config: PPStageConfig) -> CacheGeometry:
+    return CacheGeometry(
+        window_frames=config.cache.window_frames,
+        sink_frames=config.cache.sink_frames,
+        tokens_per_frame=config.model.tokens_per_frame,
+        chunk_frames=config.cache.chunk_frames,
+    )
+
+
+class GeneratorStage:
+    """Layers ``layer_range = [a, b)``, optionally one shard of a tensor-parallel mesh.
+
+    ``reduce`` sums the row-sharded partial outputs over the mesh (the runtime
+    passes an all-reduce on the stage's mesh group); identity when ``tp_size == 1``.
+    """
+
+    _MOD_CACHE_SIZE = 16
+
+    def __init__(
+        self,
+        config: PPStageConfig,
+        layer_range: tuple[int, int],
+        *,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        m = config.model
+        a, b = layer_range
+        if not 0 <= a < b <= m.layers:
+            raise ValueError(f"layer range {layer_range} outside [0, {m.layers})")
+        if tp_size > 1 and reduce is None:
+            raise ValueError("a tensor-parallel shard needs a reduce over its mesh")
+        self.config = config
+        self.layer_range = (a, b)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.is_first = a == 0
+        self.is_last = b == m.layers
+        self.lifecycle = CacheLifecycle(cache_geometry(config))
+        self._reduce = reduce if reduce is not None else _no_mesh
+        self._time = TimeEmbedding(m)
+        self._rope = RotaryTable(m)
+        self.patch_embed = PatchEmbed(m) if self.is_first else None
+        self.head = Head(m) if self.is_last else None
+        self.blocks = [Block(m, i, tp_rank, tp_size) for i in range(a, b)]
+        capacity = self.lifecycle.geometry.capacity
+        self.caches = [
+            LayerCache(m.heads // tp_size, capacity, m.dim // m.heads) for _ in self.blocks
+        ]
+        self._conditioning: Tensor | None = None
+        self._roll_after_recompute = False
+        self._mods: dict[float, tuple[Tensor, list[tuple[Tensor, ...]]]] = {}
+
+    # -- chunk protocol ----------------------------------------------------
+    def begin_chunk(self, plan: LifecyclePlan, conditioning: Tensor) -> ChunkWindow:
+        """Apply the plan's resets and roll; keep ``conditioning`` for cross-attention."""
+        m = self.config.model
+        want = (m.text_tokens, m.text_dim)
+        if tuple(conditioning.shape) != want or conditioning.dtype != torch.float32:
+            raise StageInputError(
+                f"conditioning {tuple(conditioning.shape)} {conditioning.dtype}, "
+                f"expected {want} float32",
+                call_id=plan.call_id, chunk_index=plan.chunk_index, cache_epoch=plan.cache_epoch,
+            )
+        window = self.lifecycle.begin_chunk(plan)
+        # Order matters (ChunkWindow): reset, cross-attn reset, recompute rebuild, roll.
+        if window.reset_kv:
+            for c in self.caches:
+                c.reset_kv()
+        if window.reset_crossattn:
+            for c in self.caches:
+                c.reset_crossattn()
+        if window.recompute is not None:
+            for c in self.caches:
+                c.reset_kv()  # the rebuild writes [0, local_end) into a clean buffer
+            self._roll_after_recompute = True
+        else:
+            self._roll(window)
+        self._conditioning = conditioning.detach().clone()
+        return window
+
+    @torch.no_grad()
+    def run_call(self, kind: CallKind, timestep: float, x: Tensor) -> Tensor:
+        """One generator call through this stage's layers.
+
+        First stage: ``x`` is latents ``[F, C, H, W]`` (denoise) or context frames
+        ``[n, C, H, W]`` (recompute); later stages: hidden ``[tokens, dim]``. The last
+        stage returns the flow prediction ``[F|n, C, H, W]``, others the hidden.
+        """
+        self.lifecycle.record_call(kind)  # the call-count contract comes first
+        w = self.lifecycle.window
+        if kind == "recompute":
+            assert w.recompute is not None  # record_call refused an unplanned recompute
+            frames: tuple[int, ...] = w.recompute.frame_positions
+            write = (0, w.recompute.local_end)
+        else:
+            start = w.current_start_frame
+            frames = tuple(range(start, start + self.config.cache.chunk_frames))
+            write = (w.write_start, w.write_end)
+        h = self._embed(x, len(frames), w)
+        rope = self._rope.for_frames(frames)
+        temb, mods = self._modulation(timestep)
+        bias = None
+        lo, hi = w.bias_keys
+        if kind == "denoise" and w.attention_bias != 1.0 and lo < hi:
+            bias = (lo, hi, math.log(w.attention_bias))
+        assert self._conditioning is not None
+        for block, cache, mod in zip(self.blocks, self.caches, mods):
+            h = block(h, mod, cache, rope, write, bias, self._conditioning, self._reduce)
+        if kind == "recompute" and self._roll_after_recompute:
+            self._roll(w)
+        return self.head(h, temb) if self.head is not None else h
+
+    def end_chunk(self) -> LifecycleState:
+        self._roll_after_recompute = False
+        return self.lifecycle.end_chunk()
+
+    # -- digests -----------------------------------------------------------
+    def state_digest(self) -> str:
+        return self.lifecycle.digest()
+
+    def weight_fingerprint(self) -> str:
+        parts: list[bytes] = []
+        named = [("time", self._time)]
+        if self.patch_embed is not None:
+            named.append(("patch_embed", self.patch_embed))
+        named += [(f"block.{blk.index}", blk) for blk in self.blocks]
+        if self.head is not None:
+            named.append(("head", self.head))
+        for prefix, module in named:
+            for name, t in module.named_tensors():
+                parts += [f"{prefix}.{name}".encode(), t.contiguous().numpy().tobytes()]
+        return digest_bytes(*parts)
+
+    # -- internals ---------------------------------------------------------
+    def _roll(self, w: ChunkWindow) -> None:
+        self._roll_after_recompute = False
+        if w.roll_tokens:
+            end = w.write_start + w.roll_tokens  # local_end before the roll
+            for c in self.caches:
+                c.roll(w.sink_tokens, w.roll_tokens, end)
+
+    def _embed(self, x: Tensor, n_frames: int, w: ChunkWindow) -> Tensor:
+        m = self.config.model
+        if self.patch_embed is not None:
+            want: tuple[int, ...] = (n_frames, m.latent_channels, m.latent_height, m.latent_width)
+        else:
+            want = (n_frames * m.tokens_per_frame, m.dim)
+        if tuple(x.shape) != want or x.dtype != torch.float32:
+            raise StageInputError(
+                f"stage {self.layer_range} got {tuple(x.shape)} {x.dtype}, expected {want} float32",
+                call_id=w.call_id, chunk_index=w.chunk_index, cache_epoch=w.cache_epoch,
+            )
+        return self.patch_embed(x) if self.patch_embed is not None else x
+
+    def _modulation(self, timestep: float) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
+        key = float(timestep)
+        hit = self._mods.get(key)
+        if hit is None:
+            if len(self._mods) >= self._MOD_CACHE_SIZE:
+                self._mods.clear()
+            temb = self._time(key)
+            hit = self._mods[key] = (temb, [b.modulation(temb) for b in self.blocks])
+        return hit

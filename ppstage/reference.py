@@ -1,0 +1,191 @@
+"""The single-process reference pipeline (R1 / R0a / R0), no torch.distributed.
+
+Per chunk: stage-0 inputs -> ``begin_chunk`` -> optional recompute call ->
+N denoise calls with the scheduler -> ``end_chunk`` -> record latents ->
+decode. ``run_reference`` is what the distributed demo calls to obtain the
+digests its output must match, so it stays importable and fast.
+"""
+
+from __future__ import annotations
+
+import statistics
+import struct
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import msgspec
+import torch
+from torch import Tensor
+
+from .config import PPStageConfig
+from .errors import StateDivergence
+from .model.digest import tensor_digest
+from .model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_chunk
+from .model.stage import GeneratorStage
+from .plan import ChunkPlan
+from .planner import AttentionBiasChange, HardCut, Intent, Planner, PromptUpdate, StreamStart
+from .stream_inputs import ChunkInputs, StreamInputs
+
+DEFAULT_PROMPT = "a red fox running through snow"
+
+
+class StreamScript(msgspec.Struct, frozen=True, kw_only=True):
+    """Intents at chunk boundaries: ``cut_at`` / ``prompt_at`` / ``bias_at`` chunk k."""
+
+    prompt: str = DEFAULT_PROMPT
+    cut_at: tuple[int, ...] = ()
+    prompt_at: dict[int, str] = msgspec.field(default_factory=dict)
+    bias_at: dict[int, float] = msgspec.field(default_factory=dict)
+
+    def intents_at(self, k: int) -> list[Intent]:
+        out: list[Intent] = [StreamStart(self.prompt)] if k == 0 else []
+        if k in self.cut_at and k > 0:
+            out.append(HardCut())
+        if k in self.prompt_at:
+            out.append(PromptUpdate(self.prompt_at[k]))
+        if k in self.bias_at:
+            out.append(AttentionBiasChange(self.bias_at[k]))
+        return out
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    chunk_index: int
+    cache_epoch: int
+    call_id: int
+    current_start_frame: int
+    do_kv_recompute: bool
+    context_source: str
+    generator_calls: int
+    output_digest: str
+    state_digest: str
+    model_ms: float
+    latents_out: Tensor  # [F, C, H, W] float32
+    pixels: Tensor  # [F, 3, H, W] uint8
+
+    def summary(self) -> dict[str, object]:
+        """The record without tensors (JSON-ready)."""
+        return {k: v for k, v in self.__dict__.items() if not isinstance(v, Tensor)}
+
+
+class ReferencePipeline:
+    """Stage 0 + the generator in one process.
+
+    ``layer_ranges`` splits the generator into a chain of ``GeneratorStage``s run
+    one after another (default: one stage over all layers); the output is
+    bitwise identical either way.
+    """
+
+    def __init__(
+        self, config: PPStageConfig, *, layer_ranges: Sequence[tuple[int, int]] | None = None
+    ) -> None:
+        self.config = config
+        self.stream = StreamInputs(config)
+        self.scheduler = FlowMatchScheduler.from_config(config)
+        ranges = layer_ranges or [(0, config.model.layers)]
+        self.stages = [GeneratorStage(config, r) for r in ranges]
+        if not self.stages[0].is_first or not self.stages[-1].is_last:
+            raise ValueError(f"layer ranges {ranges} must cover the model end to end")
+
+    def run_chunk(self, plan: ChunkPlan) -> ChunkRecord:
+        inputs = self.stream.chunk_inputs(plan)
+        t0 = time.perf_counter()
+        latents_out = self.generate(plan, inputs)
+        model_ms = (time.perf_counter() - t0) * 1e3
+        digests = {s.state_digest() for s in self.stages}
+        if len(digests) != 1:
+            raise StateDivergence(
+                "stages of one pipeline disagree on the lifecycle state",
+                call_id=plan.call_id, chunk_index=plan.chunk_index, cache_epoch=plan.cache_epoch,
+            )
+        self.stream.record_latents(plan, latents_out)
+        pixels = self.stream.decode(plan, latents_out)
+        return ChunkRecord(
+            chunk_index=plan.chunk_index,
+            cache_epoch=plan.cache_epoch,
+            call_id=plan.call_id,
+            current_start_frame=plan.current_start_frame,
+            do_kv_recompute=plan.do_kv_recompute,
+            context_source=plan.context_source,
+            generator_calls=self.stages[0].lifecycle.state.calls_made,
+            output_digest=tensor_digest(latents_out),
+            state_digest=digests.pop(),
+            model_ms=model_ms,
+            latents_out=latents_out,
+            pixels=pixels,
+        )
+
+    def generate(self, plan: ChunkPlan, inputs: ChunkInputs) -> Tensor:
+        """Phase B of one chunk: every generator call, in the planned order. Returns ``latents_out``."""
+        for s in self.stages:
+            s.begin_chunk(plan, inputs.conditioning)
+        if plan.do_kv_recompute:
+            if inputs.context_frames is None:
+                raise ValueError("recompute planned without context frames")
+            self._call("recompute", RECOMPUTE_TIMESTEP, inputs.context_frames)
+        steps = inputs.step_list.tolist()
+        call = partial(self._call, "denoise")
+        out = denoise_chunk(call, self.scheduler, plan, steps, inputs.latents_in)
+        for s in self.stages:
+            s.end_chunk()
+        return out
+
+    def _call(self, kind: str, timestep: float, x: Tensor) -> Tensor:
+        for s in self.stages:
+            x = s.run_call(kind, timestep, x)  # type: ignore[arg-type]
+        return x
+
+
+def run_reference(
+    config: PPStageConfig, chunks: int, script: StreamScript | None = None
+) -> list[ChunkRecord]:
+    """Plan ``chunks`` chunks of the scripted stream and run them through the reference."""
+    script = script if script is not None else StreamScript()
+    planner = Planner(config)
+    pipeline = ReferencePipeline(config)
+    records = []
+    for k in range(chunks):
+        for intent in script.intents_at(k):
+            planner.submit(intent)
+        records.append(pipeline.run_chunk(planner.next_chunk()))
+    return records
+
+
+def median_model_ms(records: Sequence[ChunkRecord]) -> float:
+    return statistics.median(r.model_ms for r in records) if records else 0.0
+
+
+# -- contact sheet (PNG without Pillow) --------------------------------------
+def contact_sheet(records: Sequence[ChunkRecord], pad: int = 2) -> Tensor:
+    """One row per chunk, one column per frame: ``[H, W, 3]`` uint8."""
+    if not records:
+        raise ValueError("no chunks to draw")
+    f, _, h, w = records[0].pixels.shape
+    sheet = torch.full((len(records) * (h + pad) + pad, f * (w + pad) + pad, 3), 255, dtype=torch.uint8)
+    for r, rec in enumerate(records):
+        for c in range(rec.pixels.shape[0]):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            sheet[y : y + h, x : x + w] = rec.pixels[c].permute(1, 2, 0)
+    return sheet
+
+
+def write_png(path: str | Path, rgb: Tensor) -> None:
+    """Write ``[H, W, 3]`` uint8 as an 8-bit RGB PNG (zlib + struct only)."""
+    h, w, c = rgb.shape
+    if c != 3 or rgb.dtype != torch.uint8:
+        raise ValueError("write_png expects [H, W, 3] uint8")
+    rows = rgb.contiguous().numpy().reshape(h, w * 3)
+    raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(h))  # filter type 0 per row
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    png = b"\x89PNG\r\n\x1a\n"
+    png += chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 9))
+    png += chunk(b"IEND", b"")
+    Path(path).write_bytes(png)
