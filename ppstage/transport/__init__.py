@@ -1,0 +1,67 @@
+"""Point-to-point messaging between stage leaders over ``torch.distributed``.
+
+A frame is ``header -> metadata -> tensors in spec order`` (``protocol.codec``),
+sent as three or more blocking sends on the 2-rank link group of the pair.
+
+Threads
+-------
+The asyncio loop never blocks on the backend:
+
+- **one sender thread per process** issues every outbound send, FIFO, from a
+  single queue fed by ``Transport.send``;
+- **one receiver thread per inbound link** (``Transport.open_inbound``) posts
+  blocking receives on that link and hands each complete frame to the loop with
+  ``loop.call_soon_threadsafe`` (gloo's ``is_completed()`` is never polled: it
+  stays False until ``wait()``, SPEC section 10).
+
+Why this keeps framing safe: a frame is a sequence of messages on one link,
+and both ends must see that sequence in order with nothing interleaved. Each
+directed pair ``src -> dst`` is driven by exactly one thread on each side (the
+sender thread of ``src``, the receiver thread of ``dst`` for ``src``), and that
+thread handles a whole frame before the next one, so frames never interleave
+and arrive in send order (gloo/NCCL keep per-pair message order). The two
+directions of a pair are independent sequences driven by different threads.
+Neither tags nor receive-from-any-source are used (NCCL honours neither), and
+``batch_isend_irecv`` is avoided (it hangs on gloo).
+
+Mesh collectives are not issued by these threads: the stage code issues them
+from its own worker thread through ``ppstage.topology.MeshComm``.
+
+Failure model
+-------------
+- Anything that can fail before sending (validation, serialisation, dtype,
+  shape, making contiguous, digests) fails in ``send``'s preflight with a typed
+  ``ProtocolError``, before the frame is queued: nothing reaches the wire.
+- A send failing after that is a dead channel (``ChannelDead`` through
+  ``on_fatal`` and from ``send``); after the header it is also half-framed, so
+  the process must exit, never continue on that link.
+- A well-framed but invalid frame (``validate`` fails, digest mismatch) is still
+  received in full and delivered as ``Inbound.error``; the link stays usable.
+- Undecodable bytes (bad header, metadata, checksum) and failed or timed-out
+  receives are fatal: ``on_fatal(FramingError | ... | ChannelDead)``, and that
+  receiver thread stops. Waiting for a next header has no deadline (liveness is
+  the watchdogs' job); bytes of a started frame must come within
+  ``runtime.pg_timeout_s``.
+- Gloo hazard: a peer that sends *more* bytes than the posted receive aborts the
+  receiving process inside gloo (uncatchable, loud, never a hang). This
+  transport never does that: every receive size comes from the checked frame.
+- On NCCL a link idle longer than ``pg_timeout_s`` is aborted by NCCL's own
+  watchdog: keep ``NOOP`` keepalives flowing on every link, or a large timeout.
+"""
+
+from ._bootstrap import init_process_group
+from ._p2p import IDLE_WAIT, TERMINAL_ACTIONS, Inbound, Transport
+from ._tensors import TORCH_DTYPE, WIRE_DTYPE, byte_view, make_spec, tensor_digest
+
+__all__ = [
+    "IDLE_WAIT",
+    "TERMINAL_ACTIONS",
+    "TORCH_DTYPE",
+    "WIRE_DTYPE",
+    "Inbound",
+    "Transport",
+    "byte_view",
+    "init_process_group",
+    "make_spec",
+    "tensor_digest",
+]
