@@ -94,6 +94,16 @@ class Pipeline:
         except (OSError, ValueError):
             return None
 
+    def latents(self, chunk_index: int) -> "torch.Tensor | None":
+        """Rank 0's ``latents_out`` of an emitted chunk (raw float32, shape from the config)."""
+        import torch
+
+        path = self.out_dir / "latents" / f"chunk{chunk_index}.f32"
+        try:
+            return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.float32)
+        except OSError:
+            return None
+
     def log_tail(self, rank: int, lines: int = 20) -> str:
         try:
             return "\n".join((self.out_dir / f"rank{rank}.log").read_text().splitlines()[-lines:])
@@ -143,7 +153,7 @@ def start_pipeline(
                 "--config", str(cfg_path), "--chunks", str(chunks), *launch_args,
             ]
             if rank == 0:
-                cmd += ["--summary-out", str(summary)]
+                cmd += ["--summary-out", str(summary), "--latents-out", str(out / "latents")]
             stdout = None if (rank == 0 and passthrough_stdout) else subprocess.DEVNULL
             with open(out / f"rank{rank}.log", "wb") as log_file:
                 procs.append(subprocess.Popen(cmd, env=env, stdout=stdout, stderr=log_file))

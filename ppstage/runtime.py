@@ -42,6 +42,8 @@ class RankOptions(msgspec.Struct, frozen=True, kw_only=True):
     chunks: int = 12
     script: StreamScript = msgspec.field(default_factory=StreamScript)
     summary_out: str | None = None
+    latents_out: str | None = None
+    pause_before: dict[int, float] = msgspec.field(default_factory=dict)
     json_logs: bool = False
     progress: bool = True
 
@@ -101,7 +103,13 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
     )
     if role.stage == 0:
         progress = _print_progress if opts.progress else None
-        actor = Stage0Actor(config, role, transport, opts.script, opts.chunks, fatal, progress=progress)
+        latents_dir = Path(opts.latents_out) if opts.latents_out else None
+        if latents_dir is not None:
+            latents_dir.mkdir(parents=True, exist_ok=True)
+        actor = Stage0Actor(
+            config, role, transport, opts.script, opts.chunks, fatal,
+            progress=progress, latents_dir=latents_dir, pause_before=opts.pause_before,
+        )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, actor.on_sigterm)
         outcome = await actor.run()

@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cut-at", type=int, action="append", default=[], metavar="K")
     p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
     p.add_argument("--summary-out", default=None, help="rank 0 writes its run summary (JSON) here")
+    p.add_argument("--latents-out", default=None, help="rank 0 writes each emitted chunk's latents_out here")
+    p.add_argument("--pause-at", action="append", default=[], metavar="K:SECONDS",
+                   help="rank 0 idles this long before planning chunk K (keepalives only)")
     p.add_argument("--json-logs", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no per-chunk progress lines")
 
@@ -28,6 +31,17 @@ def script_from_args(args: argparse.Namespace):
         cut_at=tuple(args.cut_at),
         prompt_at=parse_prompt_at(args.prompt_at),
     )
+
+
+def _pauses(values: list[str]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for v in values:
+        k, sep, secs = v.partition(":")
+        try:
+            out[int(k)] = float(secs)
+        except ValueError:
+            raise SystemExit(f"--pause-at expects K:SECONDS, got {v!r}") from None
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         chunks=args.chunks,
         script=script_from_args(args),
         summary_out=args.summary_out,
+        latents_out=args.latents_out,
+        pause_before=_pauses(args.pause_at),
         json_logs=args.json_logs,
         progress=not args.quiet,
     )

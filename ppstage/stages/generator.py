@@ -153,7 +153,7 @@ class StageLeader:
             final = i == n - 1
             report: tuple[StageReport, ...] = ()
             if final:
-                state = await self._work(self._end, env)
+                state = await self._work(self._end, env, y)
                 report = (
                     StageReport(
                         stage=self.role.stage,
@@ -197,9 +197,10 @@ class StageLeader:
             time.sleep(self._call_cost_s)  # simulated generator cost (config.runtime)
         return y
 
-    def _end(self, env: InferEnvelope):
+    def _end(self, env: InferEnvelope, last_output: torch.Tensor):
         state = self.model.end_chunk()
-        self.relay.check_digest(self.model.state_digest(), ids_of(env))
+        if self.relay.active:
+            self.relay.check_digests(self.model.state_digest(), tensor_digest(last_output), ids_of(env))
         return state
 
     async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -304,10 +305,10 @@ class MeshFollower:
                     if env is None or (msg.cache_epoch, msg.call_id) != (env.cache_epoch, env.call_id):
                         raise ProtocolError("mesh hop without its envelope", **ids_of(msg))
                     t = RECOMPUTE_TIMESTEP if msg.call_kind == "recompute" else float(steps[msg.step])
-                    self.model.run_call(msg.call_kind, t, next(iter(tensors.values())))
+                    y = self.model.run_call(msg.call_kind, t, next(iter(tensors.values())))
                     if self.model.lifecycle.state.calls_made == env.expected_generator_calls:
                         self.model.end_chunk()
-                        self.relay.check_digest(self.model.state_digest(), ids_of(env))
+                        self.relay.check_digests(self.model.state_digest(), tensor_digest(y), ids_of(env))
                 elif isinstance(msg, ShutdownEnvelope):
                     self._log.info("shutdown", **ids_of(msg))
                     return 0

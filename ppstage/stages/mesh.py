@@ -37,7 +37,7 @@ class MeshRelay:
         self.leader_rank = leader_rank
         self._header = torch.empty(HEADER_SIZE, dtype=torch.uint8)
         self._meta = torch.empty(MAX_META_BYTES, dtype=torch.uint8)
-        self._digest = torch.empty(16, dtype=torch.uint8)
+        self._digest = torch.empty(32, dtype=torch.uint8)
 
     @property
     def active(self) -> bool:
@@ -71,14 +71,20 @@ class MeshRelay:
             tensors[spec.name] = rebuild(spec, flat)
         return msg, tensors
 
-    def check_digest(self, digest_hex: str, ids: dict[str, int]) -> None:
-        """Every mesh rank compares its lifecycle state digest with the others'."""
+    def check_digests(self, state_digest: str, output_digest: str, ids: dict[str, int]) -> None:
+        """Every mesh rank compares (lifecycle state, last call's output) with the others'.
+
+        Two 16-byte digests in one all_gather: the state must be identical, and
+        so must the output, bitwise (every rank holds the same all-reduced sums).
+        """
         if not self.active:
             return
-        self._digest.copy_(torch.frombuffer(bytearray(bytes.fromhex(digest_hex)), dtype=torch.uint8))
-        gathered = self.comm.all_gather(self._digest)
-        values = [bytes(t.numpy()).hex() for t in gathered]
-        if len(set(values)) != 1:
-            ranks = self.comm.role.ranks_of(self.comm.stage)
-            detail = ", ".join(f"rank {r}: {v[:8]}" for r, v in zip(ranks, values))
-            raise StateDivergence(f"mesh ranks hold different lifecycle states ({detail})", **ids)
+        raw = bytes.fromhex(state_digest) + bytes.fromhex(output_digest)
+        self._digest.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        gathered = [bytes(t.numpy()) for t in self.comm.all_gather(self._digest)]
+        ranks = self.comm.role.ranks_of(self.comm.stage)
+        for what, part in (("lifecycle states", slice(0, 16)), ("call outputs", slice(16, 32))):
+            values = [g[part].hex() for g in gathered]
+            if len(set(values)) != 1:
+                detail = ", ".join(f"rank {r}: {v[:8]}" for r, v in zip(ranks, values))
+                raise StateDivergence(f"mesh ranks hold different {what} ({detail})", **ids)

@@ -20,6 +20,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import structlog
@@ -77,6 +78,8 @@ class Stage0Actor:
         *,
         sink: Sink | None = None,
         progress: Callable[[ChunkEvents], None] | None = None,
+        latents_dir: Path | None = None,
+        pause_before: dict[int, float] | None = None,
     ) -> None:
         self.config = config
         self.role = role
@@ -86,6 +89,8 @@ class Stage0Actor:
         self.fatal = fatal
         self.sink = sink
         self.progress = progress
+        self.latents_dir = latents_dir
+        self.pause_before = pause_before or {}
         self.planner = Planner(config)
         self.gate = EpochGate()
         self.stream = StreamInputs(config)
@@ -166,6 +171,8 @@ class Stage0Actor:
         for k in range(self.chunks):
             if self._stopping:
                 break
+            if k in self.pause_before:  # an idle stream: only keepalives flow
+                await asyncio.sleep(self.pause_before[k])
             for intent in self.script.intents_at(k):
                 self.planner.submit(intent)
             await self._wait(lambda: self.gate.in_flight() < d_in or self._stopping)
@@ -243,6 +250,8 @@ class Stage0Actor:
                 ev.stage_durations = tuple(s.duration_s for s in msg.stages)
                 ev.output_digest = msg.output_digest
             self.stream.record_latents(plan, latents)
+            if self.latents_dir is not None:  # raw float32, for tolerance checks (tp > 1)
+                (self.latents_dir / f"chunk{plan.chunk_index}.f32").write_bytes(latents.numpy().tobytes())
             self._progress.set()
             await self._decode_q.put((plan, latents))
             self.max_decode_queue = max(self.max_decode_queue, self._decode_q.qsize())

@@ -1,0 +1,182 @@
+"""The distributed runtime end to end: real processes, gloo, the embedded model.
+
+Every run here is a real ``ppstage launch`` process per rank (started by
+``ppstage.launcher``), always reaped. Equivalence is against the
+single-process reference pipeline.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from ppstage.config import PPStageConfig
+from ppstage.demo import check_digests
+from ppstage.launcher import start_pipeline
+from ppstage.quality import format_table, run_quality, write_report
+from ppstage.reference import StreamScript, run_reference
+
+CHUNKS = 12
+SCRIPT = StreamScript(prompt="a red fox", prompt_at={4: "a grey wolf"}, cut_at=(8,))
+LAUNCH_ARGS = ["--prompt", "a red fox", "--prompt-at", "4:a grey wolf", "--cut-at", "8", "--quiet"]
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def config_for(stages: int, mode: str, *, tp: int = 1, ranges=None, **runtime) -> PPStageConfig:
+    overrides = {
+        "topology.stages": stages,
+        "topology.tp": tp,
+        "topology.layer_ranges": ranges,
+        "recompute.mode": mode,
+        "runtime.pg_timeout_s": 20.0,
+        "runtime.stage_idle_deadline_s": 5.0,
+        "runtime.keepalive_interval_s": 0.5,
+        "runtime.drain_deadline_s": 10.0,
+        **{f"runtime.{k}": v for k, v in runtime.items()},
+    }
+    return PPStageConfig().with_overrides(overrides)
+
+
+def r0_report(tmp_path, config: PPStageConfig) -> str:
+    """Run the real R0-vs-R0a quality comparison and write its report (the R0 gate needs one).
+
+    The threshold is this test's choice of acceptable quality (the comparison
+    itself is real); the pipeline tests are about transport equivalence.
+    """
+    report = run_quality(config, chunks=6, script=SCRIPT, threshold_db=10.0)
+    assert report.passed, format_table(report)
+    path = tmp_path / "r0_quality.json"
+    write_report(path, report)
+    return str(path)
+
+
+def run_pipeline(tmp_path, config: PPStageConfig, *, chunks=CHUNKS, args=LAUNCH_ARGS, timeout=120.0):
+    pipe = start_pipeline(config, tmp_path / "run", chunks=chunks, launch_args=list(args))
+    try:
+        codes = pipe.wait(timeout)
+    finally:
+        pipe.kill()
+    return pipe, codes
+
+
+@pytest.mark.parametrize(
+    "stages, ranges",
+    [(1, None), (2, ((0, 3), (3, 8))), (3, ((0, 2), (2, 3), (3, 8)))],
+    ids=["K1", "K2-uneven", "K3-uneven"],
+)
+@pytest.mark.parametrize("mode", ["r1", "r0a", "r0"])
+def test_every_emitted_chunk_is_bitwise_equal_to_the_reference(tmp_path, stages, ranges, mode):
+    config = config_for(stages, mode, ranges=ranges)
+    if mode == "r0":
+        config = config.with_overrides({"recompute.r0_quality_report": r0_report(tmp_path, config)})
+    pipe, codes = run_pipeline(tmp_path, config)
+    assert codes == [0] * config.topology.world_size, [pipe.log_tail(r) for r in range(len(codes))]
+    result = pipe.summary()
+    check = check_digests(result["events"], run_reference(config, CHUNKS, SCRIPT))
+    assert check.ok, check
+    # Only chunks superseded by the hard cut at chunk 8 may be missing, and at most D_in of them.
+    assert set(check.dropped_by_cut) <= {6, 7}
+    assert check.compared == CHUNKS - len(check.dropped_by_cut)
+    assert result["gate"]["accepted"] >= CHUNKS - 2
+
+
+def test_r1_sends_the_next_envelope_before_decoding_and_respects_queue_bounds(tmp_path):
+    config = config_for(2, "r1", simulated_decode_ms=20.0)
+    pipe, codes = run_pipeline(tmp_path, config, args=["--quiet"])
+    assert codes == [0, 0, 0]
+    result = pipe.summary()
+    events = {e["chunk_index"]: e for e in result["events"]}
+    assert all(e["outcome"] == "emitted" for e in events.values())
+    for k in range(CHUNKS - 1):
+        assert events[k + 1]["sent"] < events[k]["decode_start"], f"chunk {k + 1} waited for decode of {k}"
+    assert result["summary"]["max_in_flight"] <= config.runtime.d_in
+    assert result["summary"]["max_decode_queue"] <= config.runtime.d_out
+
+
+def test_tensor_parallel_mesh_matches_the_reference_within_tolerance(tmp_path):
+    # Mesh ranks compare state and output digests every chunk (a mismatch fails the
+    # run), so exit 0 means the two ranks of each mesh were bitwise identical.
+    config = config_for(1, "r0a", tp=2)
+    pipe, codes = run_pipeline(tmp_path, config, chunks=8)
+    assert codes == [0, 0, 0]
+    result = pipe.summary()
+    records = run_reference(config, 8, SCRIPT)
+    check = check_digests(result["events"], records, latents=pipe.latents, atol=1e-4)
+    assert check.ok, check
+
+
+def test_killing_a_generator_rank_makes_every_other_rank_exit_nonzero_quickly(tmp_path):
+    config = config_for(2, "r1")
+    pipe = start_pipeline(config, tmp_path / "run", chunks=100000, launch_args=["--quiet"])
+    try:
+        _wait_for_progress(pipe)
+        pipe.procs[2].send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        codes = pipe.wait(30.0, grace_s=30.0)
+        elapsed = time.monotonic() - t0
+    finally:
+        pipe.kill()
+    assert codes[2] == -signal.SIGKILL
+    assert codes[0] not in (0, None) and codes[1] not in (0, None), codes
+    assert elapsed < 15.0
+
+
+def test_sigterm_to_rank0_drains_and_every_rank_exits_zero(tmp_path):
+    config = config_for(2, "r0a")
+    pipe = start_pipeline(config, tmp_path / "run", chunks=100000, launch_args=["--quiet"])
+    try:
+        _wait_for_progress(pipe)
+        pipe.signal_rank0(signal.SIGTERM)
+        codes = pipe.wait(30.0)
+    finally:
+        pipe.kill()
+    assert codes == [0, 0, 0], [pipe.log_tail(r) for r in range(3)]
+    result = pipe.summary()
+    assert result["exit_code"] == 0
+    assert result["gate"]["in_flight"] == 0
+    assert result["summary"]["chunks_emitted"] >= 1
+
+
+def test_idle_pipeline_outlives_the_stage_watchdog_thanks_to_keepalives(tmp_path):
+    config = config_for(2, "r0a", stage_idle_deadline_s=1.5, keepalive_interval_s=0.3)
+    args = ["--quiet", "--pause-at", "2:4.0"]
+    pipe, codes = run_pipeline(tmp_path, config, chunks=4, args=args)
+    assert codes == [0, 0, 0], [pipe.log_tail(r) for r in range(3)]
+    assert pipe.summary()["summary"]["chunks_emitted"] == 4
+
+
+def _wait_for_progress(pipe, timeout: float = 60.0) -> None:
+    """Until rank 0's latents directory shows a few emitted chunks."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if len(list((pipe.out_dir / "latents").glob("*.f32"))) >= 3:
+            return
+        if any(p.poll() is not None for p in pipe.procs):
+            raise AssertionError(f"a rank exited early: {[p.poll() for p in pipe.procs]}")
+        time.sleep(0.1)
+    raise AssertionError("pipeline made no progress")
+
+
+def test_sigterm_to_the_demo_command_drains_and_exits_zero(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "ppstage.cli", "demo", "--chunks", "100000", "--no-check", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        end = time.monotonic() + 60
+        while len(list((out / "latents").glob("*.f32"))) < 3:
+            assert proc.poll() is None and time.monotonic() < end, "demo made no progress"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stdout[-2000:]
+    assert "summary" in stdout
