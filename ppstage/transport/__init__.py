@@ -45,6 +45,13 @@ Failure model
 - Gloo hazard: a peer that sends *more* bytes than the posted receive aborts the
   receiving process inside gloo (uncatchable, loud, never a hang). This
   transport never does that: every receive size comes from the checked frame.
+- Once a ``SHUTDOWN`` or ``ERROR`` went out or came in, or after ``close()``,
+  a peer closing a link *between* frames is expected (it is exiting): that
+  receiver thread stops quietly, without ``on_fatal``. A peer dying then is
+  caught by the drain deadline, not by the transport.
+- One sender thread serves every destination: a destination that stops taking
+  frames delays the others by at most ``pg_timeout_s``, after which its
+  channel is dead and the queue moves on.
 - On NCCL a link idle longer than ``pg_timeout_s`` is aborted by NCCL's own
   watchdog: keep ``NOOP`` keepalives flowing on every link, or a large timeout.
 """

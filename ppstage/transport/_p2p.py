@@ -21,6 +21,7 @@ from protocol import (
     HEADER_SIZE,
     MAX_META_BYTES,
     WIRE_TYPES,
+    FramingError,
     MetadataError,
     ProtocolError,
     WireGeometry,
@@ -35,7 +36,7 @@ from protocol import (
 
 from ..config import PPStageConfig
 from ..errors import ChannelDead
-from ..topology import ProcessGroups, Role, WrongGroup
+from ..topology import ProcessGroups, Role
 from ._tensors import make_spec, prepare_tensors, rebuild
 
 # After either of these goes out or comes in, the stream is ending by protocol:
@@ -71,6 +72,14 @@ class Inbound(NamedTuple):
     tensors: dict[str, torch.Tensor]
     error: ProtocolError | None
     received_at: float
+
+
+class _LinkFailure(Exception):
+    """The backend failed a receive (peer gone, timeout): the link is dead."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class _Outgoing(NamedTuple):
@@ -318,16 +327,22 @@ class Transport:
                         self._recv(flat, src, group, self._frame_timeout)
                     flats.append(flat)
                 received_at = time.monotonic()
+            except _LinkFailure as failure:
+                if waiting_for == "a header" and (self._closed or self._ending):
+                    # The stream is ending and the peer left between frames: expected.
+                    self._log.debug("transport.link_closed", src=src, reason=str(failure.cause))
+                    return
+                self._fatal(
+                    ChannelDead(
+                        f"receive from rank {src} failed waiting for {waiting_for}: {failure.cause}", **ids
+                    )
+                )
+                return
             except ProtocolError as exc:  # undecodable bytes: framing is lost
                 self._fatal(exc)
                 return
-            except Exception as exc:
-                if waiting_for == "a header" and (self._closed or self._ending):
-                    self._log.debug("transport.link_closed", src=src, reason=str(exc))
-                    return
-                self._fatal(
-                    ChannelDead(f"receive from rank {src} failed waiting for {waiting_for}: {exc}", **ids)
-                )
+            except Exception as exc:  # a decoder bug must still surface typed
+                self._fatal(FramingError(f"undecodable frame from rank {src}: {exc!r}", **ids))
                 return
             tensors = {spec.name: rebuild(spec, flat) for spec, flat in zip(msg.tensors, flats)}
             error = self._check(msg, flats, ids)
@@ -339,10 +354,13 @@ class Transport:
                 return
 
     def _recv(self, buf: torch.Tensor, src: int, group: Any, timeout: timedelta) -> None:
-        work = dist.irecv(buf, src=src, group=group)
-        if work is None:
-            raise WrongGroup(f"rank {self.role.rank} is not in the link group with rank {src}")
-        work.wait(timeout)  # a timeout closes the pair for good: a dead channel
+        try:
+            work = dist.irecv(buf, src=src, group=group)
+            if work is None:
+                raise RuntimeError(f"rank {self.role.rank} is not in the link group with rank {src}")
+            work.wait(timeout)  # a timeout closes the pair for good: a dead channel
+        except Exception as exc:
+            raise _LinkFailure(exc) from exc
 
     def _check(
         self, msg: WireMessage, flats: list[torch.Tensor], ids: dict[str, Any]
