@@ -17,6 +17,8 @@ from pathlib import Path
 import msgspec
 import torch
 
+from protocol import digest_bytes
+
 from .config import ConfigError, PPStageConfig, RecomputeMode
 from .reference import ChunkRecord, StreamScript, run_reference
 
@@ -63,9 +65,16 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def quality_config_digest(config: PPStageConfig) -> str:
-    """Digest of everything but the mode and the report path: "the same model and config"."""
+    """Digest of what decides the video: "the same model and config".
+
+    Model, cache, recompute (bar the mode and the report path) and denoise
+    settings. Topology and runtime are left out: they decide how the work is
+    spread and timed, and the pipeline is bitwise equal to the reference for
+    any split, so a report made once holds for every topology.
+    """
     neutral = config.with_overrides({"recompute.mode": "r0a", "recompute.r0_quality_report": None})
-    return neutral.digest()
+    parts = {name: getattr(neutral, name) for name in ("model", "cache", "recompute", "denoise")}
+    return digest_bytes(msgspec.json.encode(parts, order="sorted"))
 
 
 def compare_records(

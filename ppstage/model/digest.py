@@ -13,12 +13,9 @@ import hashlib
 
 import torch
 
-from protocol import digest_bytes
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """Digest of a tensor's bytes (C order, native dtype; shape and dtype not included)."""
-    return digest_bytes(t.detach().contiguous().cpu().numpy().tobytes())
+# One definition of the output digest for everyone (it lives with the wire
+# helpers because it must read device tensors too); re-exported here.
+from ..transport._tensors import tensor_digest  # noqa: F401
 
 
 def derive_seed(*parts: object) -> int:

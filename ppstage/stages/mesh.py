@@ -26,7 +26,7 @@ from protocol import (
 
 from ..errors import StateDivergence
 from ..topology import MeshComm
-from ..transport._tensors import prepare_tensors, rebuild
+from ..transport import prepare_tensors, rebuild
 
 
 class MeshRelay:
