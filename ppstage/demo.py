@@ -68,6 +68,14 @@ def _close(record: Any, event: dict[str, Any], latents: Callable[[int], Any] | N
     return float(diff) <= atol
 
 
+def _ratio(s: dict[str, Any]) -> str:
+    slower = max(s["median_s0_ms"], s["median_s1_ms"])
+    both = s["median_s0_ms"] + s["median_s1_ms"]
+    if slower <= 0:
+        return "n/a"
+    return f"{s['median_period_ms'] / slower:.2f}x (no overlap would give {both / slower:.2f}x)"
+
+
 def format_summary(
     summary: dict[str, Any], check: DigestCheck | None, *, stages: int, tp: int, mode: str, tol: float = 0.0
 ) -> str:
@@ -79,6 +87,7 @@ def format_summary(
         ("median period", f"{s['median_period_ms']:.1f} ms"),
         ("median stage-0 time (build+decode)", f"{s['median_s0_ms']:.1f} ms"),
         ("median generator time", f"{s['median_s1_ms']:.1f} ms"),
+        ("period / slower stage", _ratio(s)),
         ("per-stage median", ", ".join(f"s{i + 1} {v:.1f} ms" for i, v in enumerate(s["stage_median_ms"]))),
         ("queue maxima", f"in flight {s['max_in_flight']}, decode {s['max_decode_queue']}"),
         ("OverlapScore", f"{s['overlap_score']:.2f}"),
