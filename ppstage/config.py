@@ -138,6 +138,8 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     drain_deadline_s: float = 10.0
     simulated_decode_ms: float = 0.0
     simulated_call_ms: float = 0.0
+    # Adds one mesh all_reduce per chunk (tp > 1): a flag that changes the
+    # communication count, so every rank must agree on it (parity handshake).
     debug_extra_collective: bool = False
 
     def __post_init__(self) -> None:

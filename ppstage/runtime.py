@@ -45,6 +45,7 @@ class RankOptions(msgspec.Struct, frozen=True, kw_only=True):
     latents_out: str | None = None
     pause_before: dict[int, float] = msgspec.field(default_factory=dict)
     json_logs: bool = False
+    log_level: str = "info"
     progress: bool = True
 
 
@@ -58,7 +59,7 @@ def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
 
     torch.set_num_threads(1)
     role = role_for(config, opts.rank)
-    logs.configure(rank=opts.rank, stage=role.stage, json=opts.json_logs)
+    logs.configure(rank=opts.rank, stage=role.stage, json=opts.json_logs, level=opts.log_level)
     log = structlog.get_logger("ppstage.runtime")
     init_process_group(config, opts.rank, opts.world_size, opts.master_addr, opts.master_port)
     try:

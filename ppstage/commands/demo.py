@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r0-quality-report", default=None, help="passing `ppstage quality` report (required for r0)")
     p.add_argument("--out", default=None, help="directory for logs and the summary (default: a temp dir)")
     p.add_argument("--no-check", action="store_true", help="skip the reference comparison")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="rank log level (debug: every commitment point); logs go to OUT/rank<r>.log")
     p.add_argument("--timeout", type=float, default=600.0, help="give up (and kill every rank) after this")
 
 
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     t = cfg.topology
     print(f"ppstage demo: rank 0 + {t.stages} stage(s) x tp {t.tp} = {t.world_size} processes, "
           f"mode {cfg.recompute.mode}, {args.chunks} chunks, logs in {out}", flush=True)
-    launch_args = ["--prompt", script.prompt]
+    launch_args = ["--prompt", script.prompt, "--log-level", args.log_level]
     for k in args.cut_at:
         launch_args += ["--cut-at", str(k)]
     for v in args.prompt_at:

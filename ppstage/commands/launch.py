@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pause-at", action="append", default=[], metavar="K:SECONDS",
                    help="rank 0 idles this long before planning chunk K (keepalives only)")
     p.add_argument("--json-logs", action="store_true")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="debug logs every commitment point (send, receive, mesh publish)")
     p.add_argument("--quiet", action="store_true", help="no per-chunk progress lines")
 
 
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         latents_out=args.latents_out,
         pause_before=_pauses(args.pause_at),
         json_logs=args.json_logs,
+        log_level=args.log_level,
         progress=not args.quiet,
     )
     exit_process(run_rank(config, opts))

@@ -71,7 +71,7 @@ class StageLeader:
         self.role = role
         self.transport = transport
         self.model = build_stage_model(config, role, comm)
-        self.relay = MeshRelay(comm, role.rank)
+        self.relay = MeshRelay(comm, role.rank, extra_collective=config.runtime.debug_extra_collective)
         self.scheduler = FlowMatchScheduler.from_config(config)
         self.fatal = fatal
         self.first = role.is_first_stage
@@ -286,7 +286,9 @@ class MeshFollower:
         self.config = config
         self.role = role
         self.model = build_stage_model(config, role, comm)
-        self.relay = MeshRelay(comm, role.leader_of(role.stage))
+        self.relay = MeshRelay(
+            comm, role.leader_of(role.stage), extra_collective=config.runtime.debug_extra_collective
+        )
         self.last_activity = time.monotonic()
         self._log = log.bind(rank=role.rank, stage=role.stage, group=f"mesh{role.stage}")
 

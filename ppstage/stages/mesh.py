@@ -13,12 +13,14 @@ order is the same on every mesh rank).
 
 from __future__ import annotations
 
+import structlog
 import torch
 
 from protocol import (
     HEADER_SIZE,
     MAX_META_BYTES,
     WireMessage,
+    action_of,
     decode_metadata,
     encode_frame,
     parse_header,
@@ -32,9 +34,15 @@ from ..transport import prepare_tensors, rebuild
 class MeshRelay:
     """Leader: ``publish``; followers: ``receive``. Buffers are created once."""
 
-    def __init__(self, comm: MeshComm, leader_rank: int) -> None:
+    def __init__(self, comm: MeshComm, leader_rank: int, *, extra_collective: bool = False) -> None:
         self.comm = comm
         self.leader_rank = leader_rank
+        # runtime.debug_extra_collective: one more all_reduce per chunk. It changes
+        # the collective count, which is why the parity handshake compares it.
+        self.extra_collective = extra_collective
+        self._log = structlog.get_logger("ppstage.mesh").bind(
+            rank=comm.role.rank, stage=comm.stage, group=f"mesh{comm.stage}"
+        )
         self._header = torch.empty(HEADER_SIZE, dtype=torch.uint8)
         self._meta = torch.empty(MAX_META_BYTES, dtype=torch.uint8)
         self._digest = torch.empty(32, dtype=torch.uint8)
@@ -56,6 +64,7 @@ class MeshRelay:
         self.comm.broadcast(view, self.leader_rank)
         for flat in flats:
             self.comm.broadcast(flat, self.leader_rank)
+        self._log.debug("mesh.published", action=action_of(msg), **ids)
 
     def receive(self) -> tuple[WireMessage, dict[str, torch.Tensor]]:
         self.comm.broadcast(self._header, self.leader_rank)
@@ -82,6 +91,8 @@ class MeshRelay:
         raw = bytes.fromhex(state_digest) + bytes.fromhex(output_digest)
         self._digest.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         gathered = [bytes(t.numpy()) for t in self.comm.all_gather(self._digest)]
+        if self.extra_collective:
+            self.comm.all_reduce(torch.zeros(1))
         ranks = self.comm.role.ranks_of(self.comm.stage)
         for what, part in (("lifecycle states", slice(0, 16)), ("call outputs", slice(16, 32))):
             values = [g[part].hex() for g in gathered]
