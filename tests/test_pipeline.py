@@ -180,3 +180,29 @@ def test_sigterm_to_the_demo_command_drains_and_exits_zero(tmp_path):
             proc.wait()
     assert proc.returncode == 0, stdout[-2000:]
     assert "summary" in stdout
+
+
+@pytest.mark.parametrize(
+    "fault_rank, kind, chunk, expected",
+    [
+        (2, "extra_generator_call", 3, "CallCountMismatch"),  # B2
+        (0, "tamper_envelope", 2, "DigestMismatch"),  # B5
+        (0, "perturb_start_frame", 2, "IllegalTransition"),  # B7
+    ],
+)
+def test_injected_fault_ends_every_rank_nonzero_with_a_typed_report(tmp_path, fault_rank, kind, chunk, expected):
+    import json
+
+    config = config_for(2, "r0a", tp=2 if kind == "tamper_envelope" else 1)
+    fault = {fault_rank: {"PPSTAGE_FAULT": json.dumps({"kind": kind, "chunk_index": chunk})}}
+    pipe = start_pipeline(config, tmp_path / "run", chunks=8, launch_args=["--quiet"], env_overrides=fault)
+    t0 = time.monotonic()
+    try:
+        codes = pipe.wait(60.0, grace_s=15.0)
+    finally:
+        pipe.kill()
+    assert time.monotonic() - t0 < 45.0
+    assert all(c not in (0, None) for c in codes), codes  # nobody hung (None) or pretended success
+    result = pipe.summary()
+    assert result["exit_code"] == 1 and expected in result["error"], result["error"]
+    assert result["summary"]["chunks_emitted"] == chunk  # everything before the fault was emitted

@@ -36,6 +36,7 @@ from protocol import (
 
 from ..config import PPStageConfig
 from ..errors import ChannelDead, WatchdogExpired
+from ..faults import fault_from_env
 from ..logs import ids_of
 from ..model.digest import tensor_digest
 from ..model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step
@@ -84,6 +85,7 @@ class StageLeader:
         self._call_cost_s = config.runtime.simulated_call_ms / 1e3 / role.num_stages
         self._idle_s = config.runtime.stage_idle_deadline_s
         self._drain_by: float | None = None
+        self.fault = fault_from_env()
         self._log = log.bind(rank=role.rank, stage=role.stage, group=f"mesh{role.stage}")
 
     # -- lifecycle of the actor --------------------------------------------
@@ -152,6 +154,8 @@ class StageLeader:
             y = await self._work(self._call, env, "denoise", i, float(t), x)
             final = i == n - 1
             report: tuple[StageReport, ...] = ()
+            if final and self.fault is not None and self.fault.fires("extra_generator_call", env.chunk_index):
+                await self._work(self._call, env, "denoise", i, float(t), x)  # B2: one call too many
             if final:
                 state = await self._work(self._end, env, y)
                 report = (

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import msgspec
 import structlog
 import torch
 
@@ -38,6 +39,7 @@ from protocol import (
 
 from ..config import PPStageConfig
 from ..errors import StateDivergence, WatchdogExpired
+from ..faults import fault_from_env
 from ..gate import EpochGate
 from ..lifecycle import CacheLifecycle
 from ..logs import ids_of
@@ -91,6 +93,7 @@ class Stage0Actor:
         self.progress = progress
         self.latents_dir = latents_dir
         self.pause_before = pause_before or {}
+        self.fault = fault_from_env()
         self.planner = Planner(config)
         self.gate = EpochGate()
         self.stream = StreamInputs(config)
@@ -188,6 +191,7 @@ class Stage0Actor:
             ev.build_start = time.perf_counter()
             inputs = self.stream.chunk_inputs(plan)
             env, tensors = infer_envelope(plan, inputs)
+            env = self._inject(env, tensors)
             ev.build_end = time.perf_counter()
             self._expect(plan)
             await self.transport.send(self.leader1, env, tensors)
@@ -196,6 +200,17 @@ class Stage0Actor:
             self._plan_pending = False
             self.max_in_flight = max(self.max_in_flight, self.gate.in_flight())
             self._log.debug("envelope sent", dst=self.leader1, **ids_of(plan))
+
+    def _inject(self, env, tensors: list[torch.Tensor]):
+        """Break-it faults on the send side (``ppstage/faults.py``); a no-op normally."""
+        fault = self.fault
+        if fault is None:
+            return env
+        if fault.fires("tamper_envelope", env.chunk_index):
+            tensors[0].add_(1.0)  # after the spec's digest was taken: the receiver must notice
+        if fault.fires("perturb_start_frame", env.chunk_index):
+            env = msgspec.structs.replace(env, current_start_frame=env.current_start_frame + 1)
+        return env
 
     def _inputs_ready(self, plan: ChunkPlan) -> bool:
         # A plan of a new epoch needs nothing from the old one; otherwise the
