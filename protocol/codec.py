@@ -43,6 +43,8 @@ from .messages import (
 MAGIC = b"PPS1"
 # magic, version, action, tensor_count, call_id, chunk_index, cache_epoch, meta_len, checksum
 _HEADER = struct.Struct("<4sBBHqqqII")
+_HEADER_WO_CHECKSUM = struct.Struct("<4sBBHqqqI")  # the part the checksum covers
+_CHECKSUM = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size
 MAX_META_BYTES = 1 << 20
 MAX_TENSORS = 16
@@ -94,6 +96,25 @@ def message_digest(msg: msgspec.Struct) -> str:
     return digest_bytes(canonical_bytes(msg))
 
 
+def _ids(msg: WireMessage | Header) -> dict[str, int]:
+    """The identity an error carries; built only when raising (the hot path skips it)."""
+    return dict(call_id=msg.call_id, chunk_index=msg.chunk_index, cache_epoch=msg.cache_epoch)
+
+
+def _check_specs(msg: WireMessage) -> None:
+    valid = _VALID_SPECS
+    for spec in msg.tensors:
+        try:
+            if (spec.dtype, spec.shape, spec.nbytes) in valid:
+                continue  # the common case, inlined: a set lookup per spec
+        except TypeError:
+            pass
+        try:
+            check_tensor_spec(spec)
+        except TensorSpecError as exc:
+            raise TensorSpecError(exc.reason, **_ids(msg)) from None
+
+
 def _checksum(head_wo_checksum: bytes, meta: bytes) -> int:
     return zlib.crc32(meta, zlib.crc32(head_wo_checksum)) & 0xFFFFFFFF
 
@@ -104,22 +125,20 @@ def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
     Only the message's own tensor specs are checked here; the transport checks
     the actual tensors against them before sending the header.
     """
-    ids = dict(call_id=msg.call_id, chunk_index=msg.chunk_index, cache_epoch=msg.cache_epoch)
     action = action_of(msg)
     if msg.version != PROTOCOL_VERSION:
-        raise UnsupportedVersion(f"refusing to send protocol version {msg.version}", **ids)
-    for spec in msg.tensors:
-        check_tensor_spec(spec, **ids)
+        raise UnsupportedVersion(f"refusing to send protocol version {msg.version}", **_ids(msg))
+    _check_specs(msg)
     if len(msg.tensors) > MAX_TENSORS:
-        raise FramingError(f"{len(msg.tensors)} tensors exceed {MAX_TENSORS}", **ids)
+        raise FramingError(f"{len(msg.tensors)} tensors exceed {MAX_TENSORS}", **_ids(msg))
     try:
         meta = _ENCODER.encode(msg)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise MetadataError(f"metadata not serialisable: {exc}", **ids) from exc
+        raise MetadataError(f"metadata not serialisable: {exc}", **_ids(msg)) from exc
     if len(meta) > MAX_META_BYTES:
-        raise FramingError(f"metadata of {len(meta)} bytes exceeds {MAX_META_BYTES}", **ids)
+        raise FramingError(f"metadata of {len(meta)} bytes exceeds {MAX_META_BYTES}", **_ids(msg))
     try:
-        head_fields = (
+        partial = _HEADER_WO_CHECKSUM.pack(
             MAGIC,
             PROTOCOL_VERSION,
             ACTION_CODES[action],
@@ -129,11 +148,9 @@ def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
             msg.cache_epoch,
             len(meta),
         )
-        partial = _HEADER.pack(*head_fields, 0)
     except struct.error as exc:
-        raise FramingError(f"header field out of range: {exc}", **ids) from exc
-    checksum = _checksum(partial[:-4], meta)
-    return partial[:-4] + struct.pack("<I", checksum), meta
+        raise FramingError(f"header field out of range: {exc}", **_ids(msg)) from exc
+    return partial + _CHECKSUM.pack(_checksum(partial, meta)), meta
 
 
 def parse_header(buf: bytes | bytearray | memoryview) -> Header:
@@ -162,40 +179,40 @@ def parse_header(buf: bytes | bytearray | memoryview) -> Header:
 
 def decode_metadata(header: Header, header_bytes: bytes, meta: bytes | memoryview) -> WireMessage:
     """Decode metadata that followed ``header``; checks checksum and identity."""
-    ids = dict(call_id=header.call_id, chunk_index=header.chunk_index, cache_epoch=header.cache_epoch)
-    meta = bytes(meta)
+    if not isinstance(meta, bytes):
+        meta = bytes(meta)
     if len(meta) != header.meta_len:
-        raise FramingError(f"metadata is {len(meta)} bytes, header says {header.meta_len}", **ids)
-    if _checksum(bytes(header_bytes)[:-4], meta) != header.checksum:
-        raise FramingError("checksum mismatch over header and metadata", **ids)
+        raise FramingError(f"metadata is {len(meta)} bytes, header says {header.meta_len}", **_ids(header))
+    if _checksum(header_bytes[:-4], meta) != header.checksum:
+        raise FramingError("checksum mismatch over header and metadata", **_ids(header))
     try:
         msg = _DECODER.decode(meta)
     except msgspec.ValidationError as exc:
         text = str(exc)
         if "Invalid value" in text and "`$.action`" in text:
-            raise UnknownAction(f"unknown message tag: {text}", **ids) from exc
-        raise MetadataError(f"metadata does not match a wire type: {text}", **ids) from exc
+            raise UnknownAction(f"unknown message tag: {text}", **_ids(header)) from exc
+        raise MetadataError(f"metadata does not match a wire type: {text}", **_ids(header)) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 in a str.
-        raise MetadataError(f"metadata is not valid msgpack: {exc}", **ids) from exc
+        raise MetadataError(f"metadata is not valid msgpack: {exc}", **_ids(header)) from exc
     if msg.version != header.version:
         raise UnsupportedVersion(
-            f"metadata version {msg.version} differs from header version {header.version}", **ids
+            f"metadata version {msg.version} differs from header version {header.version}", **_ids(header)
         )
-    if action_of(msg) != header.action:
-        raise FramingError(f"metadata action {action_of(msg)} != header action {header.action}", **ids)
+    action = action_of(msg)
+    if action != header.action:
+        raise FramingError(f"metadata action {action} != header action {header.action}", **_ids(header))
     if (msg.call_id, msg.chunk_index, msg.cache_epoch) != (
         header.call_id,
         header.chunk_index,
         header.cache_epoch,
     ):
-        raise FramingError("metadata ids differ from header ids", **ids)
+        raise FramingError("metadata ids differ from header ids", **_ids(header))
     if len(msg.tensors) != header.tensor_count:
         raise FramingError(
-            f"metadata lists {len(msg.tensors)} tensors, header says {header.tensor_count}", **ids
+            f"metadata lists {len(msg.tensors)} tensors, header says {header.tensor_count}", **_ids(header)
         )
-    for spec in msg.tensors:
-        check_tensor_spec(spec, **ids)
+    _check_specs(msg)
     return msg
 
 
@@ -223,12 +240,25 @@ def encode_frame_bytes(msg: WireMessage) -> bytes:
     return head + meta
 
 
+# Valid (dtype, shape, nbytes) triples seen before. A pipeline sends the same
+# few shapes every chunk, so the check is a set lookup after the first time.
+# Bounded, because the keys come from the wire: a peer cannot grow it forever.
+_VALID_SPECS: set[tuple[str, tuple[int, ...], int]] = set()
+_VALID_SPECS_MAX = 4096
+
+
 def check_tensor_spec(spec: TensorSpec, **ids: int | None) -> None:
     """A spec must name a whitelisted dtype and a byte length equal to its shape."""
+    try:
+        key = (spec.dtype, spec.shape, spec.nbytes)
+        if key in _VALID_SPECS:
+            return
+    except TypeError:  # an unhashable shape built in Python (a list): check it in full
+        key = None
     itemsize = DTYPE_ITEMSIZE.get(spec.dtype)
     if itemsize is None:
         raise TensorSpecError(f"tensor {spec.name!r}: dtype {spec.dtype!r} not allowed", **ids)
-    if any(d < 0 for d in spec.shape) or len(spec.shape) > 8:
+    if len(spec.shape) > 8 or any(d < 0 for d in spec.shape):
         raise TensorSpecError(f"tensor {spec.name!r}: bad shape {spec.shape}", **ids)
     expected = prod(spec.shape) * itemsize
     if spec.nbytes != expected:
@@ -237,6 +267,10 @@ def check_tensor_spec(spec: TensorSpec, **ids: int | None) -> None:
         )
     if spec.nbytes > MAX_TENSOR_BYTES:
         raise TensorSpecError(f"tensor {spec.name!r}: {spec.nbytes} bytes exceed limit", **ids)
+    if key is not None:
+        if len(_VALID_SPECS) >= _VALID_SPECS_MAX:
+            _VALID_SPECS.clear()
+        _VALID_SPECS.add(key)
 
 
 def check_tensor_digest(spec: TensorSpec, data: bytes | memoryview, **ids: int | None) -> None:

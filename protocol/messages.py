@@ -162,6 +162,10 @@ ACTION_CODES: dict[str, int] = {
 ACTION_BY_CODE: dict[int, str] = {v: k for k, v in ACTION_CODES.items()}
 
 
+_TAG_OF: dict[type, str] = {t: t.__struct_config__.tag for t in WIRE_TYPES}  # type: ignore[misc]
+
+
 def action_of(msg: WireMessage) -> str:
     """The string tag of a wire message."""
-    return type(msg).__struct_config__.tag  # type: ignore[return-value]
+    tag = _TAG_OF.get(type(msg))
+    return tag if tag is not None else type(msg).__struct_config__.tag  # type: ignore[return-value]

@@ -24,6 +24,7 @@ from .messages import (
 ANCHOR_FOR_MODE = {"r1": "none", "r0a": "decoded", "r0": "latent"}
 INFER_TENSORS = ("latents_in", "conditioning_embeds", "denoising_step_list")
 CONTEXT_TENSOR = "context_frames_override"
+_WANT_TENSORS = {False: INFER_TENSORS, True: (*INFER_TENSORS, CONTEXT_TENSOR)}
 
 
 class WireGeometry(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,10 +43,11 @@ class WireGeometry(msgspec.Struct, frozen=True, kw_only=True):
 
 def validate(msg: WireMessage, geometry: WireGeometry | None = None) -> None:
     """Raise ``InvariantViolation`` unless every invariant of ``msg`` holds."""
-    ids = dict(call_id=msg.call_id, chunk_index=msg.chunk_index, cache_epoch=msg.cache_epoch)
 
-    def fail(text: str) -> None:
-        raise InvariantViolation(text, **ids)
+    def fail(text: str) -> None:  # the ids dict is built only when failing (hot path)
+        raise InvariantViolation(
+            text, call_id=msg.call_id, chunk_index=msg.chunk_index, cache_epoch=msg.cache_epoch
+        )
 
     if msg.call_id < 0 or msg.chunk_index < 0 or msg.cache_epoch < 0:
         fail("ids must be non-negative")
@@ -61,80 +63,76 @@ def validate(msg: WireMessage, geometry: WireGeometry | None = None) -> None:
         fail("HELLO rank must be non-negative")
 
 
-def _specs(msg: WireMessage) -> dict[str, TensorSpec]:
-    return {s.name: s for s in msg.tensors}
-
-
 def _expect_shape(spec: TensorSpec, shape: tuple[int, ...], dtype: str, fail) -> None:
     if spec.dtype != dtype:
         fail(f"tensor {spec.name!r} has dtype {spec.dtype}, expected {dtype}")
-    if tuple(spec.shape) != shape:
+    if spec.shape != shape and tuple(spec.shape) != shape:
         fail(f"tensor {spec.name!r} has shape {tuple(spec.shape)}, expected {shape}")
 
 
 def _validate_infer(m: InferEnvelope, g: WireGeometry | None, fail) -> None:
-    expected_calls = (1 if m.do_kv_recompute else 0) + m.num_denoise_steps
-    if m.num_denoise_steps < 1:
+    recompute, steps, mode = m.do_kv_recompute, m.num_denoise_steps, m.recompute_mode
+    if steps < 1:
         fail("num_denoise_steps must be at least 1")
-    if m.expected_generator_calls != expected_calls:
+    if m.expected_generator_calls != (1 if recompute else 0) + steps:
         fail(
             f"expected_generator_calls={m.expected_generator_calls} but "
-            f"(1 if do_kv_recompute else 0) + num_denoise_steps = {expected_calls}"
+            f"(1 if do_kv_recompute else 0) + num_denoise_steps = {(1 if recompute else 0) + steps}"
         )
-    if ANCHOR_FOR_MODE[m.recompute_mode] != m.anchor_mode:
-        fail(f"mode {m.recompute_mode} requires anchor_mode {ANCHOR_FOR_MODE[m.recompute_mode]}")
-    if m.recompute_mode == "r1" and m.do_kv_recompute:
+    if ANCHOR_FOR_MODE[mode] != m.anchor_mode:
+        fail(f"mode {mode} requires anchor_mode {ANCHOR_FOR_MODE[mode]}")
+    if recompute and mode == "r1":
         fail("mode r1 never recomputes")
-    if m.init_cache and not (m.reset_kv_cache and m.reset_crossattn_cache):
-        fail("init_cache must reset both the KV and the cross-attention caches")
-    if m.reset_kv_cache and not m.init_cache:
+    if m.init_cache:
+        if not (m.reset_kv_cache and m.reset_crossattn_cache):
+            fail("init_cache must reset both the KV and the cross-attention caches")
+        if m.current_start_frame != 0:
+            fail("a hard cut starts at frame 0")
+        if recompute:
+            fail("the first chunk of an epoch has nothing to recompute")
+    elif m.reset_kv_cache:
         fail("the KV cache is reset only by a hard cut (init_cache)")
-    if m.init_cache and m.current_start_frame != 0:
-        fail("a hard cut starts at frame 0")
-    if m.init_cache and m.do_kv_recompute:
-        fail("the first chunk of an epoch has nothing to recompute")
     if m.current_start_frame < 0:
         fail("current_start_frame must be non-negative")
-    if not math.isfinite(m.kv_cache_attention_bias) or m.kv_cache_attention_bias <= 0:
+    bias = m.kv_cache_attention_bias
+    if not 0.0 < bias < math.inf:  # also false for NaN
         fail("kv_cache_attention_bias must be a positive finite float")
-    if min(m.height, m.width, m.num_frames, m.latent_channels) < 1:
+    geometry = (m.num_frames, m.latent_channels, m.height, m.width)
+    if min(geometry) < 1:
         fail("latent geometry must be positive")
-    if g is not None and (m.num_frames, m.latent_channels, m.height, m.width) != (
-        g.num_frames,
-        g.latent_channels,
-        g.height,
-        g.width,
-    ):
+    if g is not None and geometry != (g.num_frames, g.latent_channels, g.height, g.width):
         fail("declared latent geometry differs from this stage's config")
 
-    names = [s.name for s in m.tensors]
-    want = list(INFER_TENSORS) + ([CONTEXT_TENSOR] if m.do_kv_recompute else [])
+    # The tensor list is positional: exactly the required names in this order.
+    tensors = m.tensors
+    names = tuple(s.name for s in tensors)
+    want = _WANT_TENSORS[m.do_kv_recompute]
     if names != want:
         if m.do_kv_recompute and CONTEXT_TENSOR not in names:
             fail("do_kv_recompute is set but context_frames_override is missing")
         if not m.do_kv_recompute and CONTEXT_TENSOR in names:
             fail("context_frames_override present without do_kv_recompute")
-        fail(f"tensors {names} differ from the required {want}")
-    specs = _specs(m)
+        fail(f"tensors {list(names)} differ from the required {list(want)}")
     frame = (m.latent_channels, m.height, m.width)
-    _expect_shape(specs["latents_in"], (m.num_frames, *frame), "float32", fail)
-    cond = specs["conditioning_embeds"]
+    _expect_shape(tensors[0], (m.num_frames, *frame), "float32", fail)
+    cond = tensors[1]
     if g is not None:
         _expect_shape(cond, (g.text_tokens, g.text_dim), "float32", fail)
     elif len(cond.shape) != 2 or cond.dtype != "float32":
         fail("conditioning_embeds must be a 2-D float32 tensor")
-    _expect_shape(specs["denoising_step_list"], (m.num_denoise_steps,), "int64", fail)
+    _expect_shape(tensors[2], (m.num_denoise_steps,), "int64", fail)
     if m.do_kv_recompute:
-        n_ctx = len(m.context_frame_indices)
+        ctx = m.context_frame_indices
+        n_ctx = len(ctx)
         if n_ctx < 1:
             fail("a recompute needs at least one context frame index")
         if g is not None and n_ctx > g.max_context_frames:
             fail(f"{n_ctx} context frames exceed the window's {g.max_context_frames}")
-        if list(m.context_frame_indices) != sorted(set(m.context_frame_indices)):
+        if any(a >= b for a, b in zip(ctx, ctx[1:])):
             fail("context_frame_indices must be strictly increasing")
-        if m.context_frame_indices[0] < 0 or m.context_frame_indices[-1] >= m.current_start_frame:
+        if ctx[0] < 0 or ctx[-1] >= m.current_start_frame:
             fail("context frames must lie before current_start_frame")
-        _expect_shape(specs[CONTEXT_TENSOR], (n_ctx, *frame), "float32", fail)
+        _expect_shape(tensors[3], (n_ctx, *frame), "float32", fail)
     elif m.context_frame_indices:
         fail("context_frame_indices present without do_kv_recompute")
 
