@@ -7,7 +7,7 @@ fields only appended with a default, unknown fields tolerated on decode, a
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
 import msgspec
 
@@ -139,15 +139,7 @@ WireMessage = Union[
     ParityHello,
 ]
 
-WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
-    InferEnvelope,
-    NoopEnvelope,
-    ShutdownEnvelope,
-    ErrorEnvelope,
-    ChunkResult,
-    StageHop,
-    ParityHello,
-)
+WIRE_TYPES: tuple[type[msgspec.Struct], ...] = get_args(WireMessage)
 
 # Header action codes. Append only: a code is never reused for another tag.
 ACTION_CODES: dict[str, int] = {

@@ -45,7 +45,7 @@ from protocol import (
     message_digest,
     parse_header,
 )
-from wire_samples import chunk_result, infer_envelope, replace, sample_messages, spec
+from wire_samples import chunk_result, infer_envelope, sample_messages, spec
 
 # The documented header layout (docs/protocol.md): magic, version, action code,
 # tensor count, call_id, chunk_index, cache_epoch, meta_len, crc32.

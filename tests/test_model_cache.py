@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from ppstage.config import PPStageConfig
@@ -11,14 +10,6 @@ from ppstage.planner import HardCut, Planner, PromptUpdate, StreamStart
 from ppstage.reference import ReferencePipeline
 
 TPF = PPStageConfig().model.tokens_per_frame
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cfg(mode: str = "r0a", **overrides) -> PPStageConfig:

@@ -18,14 +18,6 @@ from ppstage.stream_inputs import StreamInputs
 SCRIPT = StreamScript(prompt="a red fox", cut_at=(5,), prompt_at={3: "a blue whale"})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_two_runs_with_the_same_seeds_are_bitwise_identical():
     config = PPStageConfig()
     a, b = run_reference(config, 7, SCRIPT), run_reference(config, 7, SCRIPT)

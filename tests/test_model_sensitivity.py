@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import msgspec
-import pytest
 import torch
 
 from ppstage.config import PPStageConfig
@@ -21,14 +20,6 @@ from ppstage.planner import HardCut, Planner, PromptUpdate, StreamStart
 from ppstage.reference import ReferencePipeline
 
 TOL = 1e-3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def plans(mode: str, chunks: int, intents: dict[int, list] | None = None) -> list[ChunkPlan]:

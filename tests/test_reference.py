@@ -17,14 +17,6 @@ from ppstage.reference import StreamScript, contact_sheet, run_reference, write_
 from ppstage.stream_inputs import ContextUnavailable, StaleInputs, StreamInputs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cfg(mode: str) -> PPStageConfig:
     return PPStageConfig().with_overrides({"recompute.mode": mode})
 

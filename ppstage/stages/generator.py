@@ -23,7 +23,6 @@ import structlog
 import torch
 
 from protocol import (
-    ChunkResult,
     ErrorEnvelope,
     InferEnvelope,
     NoopEnvelope,
