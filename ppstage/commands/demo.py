@@ -7,6 +7,8 @@ import signal
 import sys
 import tempfile
 
+from . import non_negative_int, positive_int
+
 TP_TOLERANCE = 1e-4
 HELP = "run a local pipeline (rank 0 + generator stages, gloo) and check every chunk against the reference"
 
@@ -14,10 +16,10 @@ HELP = "run a local pipeline (rank 0 + generator stages, gloo) and check every c
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=int, default=2, help="generator stages K")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree M inside each stage")
-    p.add_argument("--chunks", type=int, default=12)
+    p.add_argument("--chunks", type=positive_int, default=12)
     p.add_argument("--mode", choices=("r1", "r0a", "r0"), default=None, help="recompute mode (default: config's, r0a)")
     p.add_argument("--prompt", default=None)
-    p.add_argument("--cut-at", type=int, action="append", default=[], metavar="K")
+    p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
     p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
     p.add_argument("--config", default=None, help="TOML config file")
     p.add_argument("--simulate-decode-ms", type=float, default=None, help="added stage-0 cost per decode")
@@ -34,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, PPStageConfig
     from ..demo import check_digests, format_summary
     from ..launcher import start_pipeline
-    from ..reference import run_reference
     from ..quality import QualityError, check_quality_report
+    from ..reference import run_reference
     from .launch import script_from_args
 
     try:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 
+from . import non_negative_int, positive_int
+
 HELP = "run this process's rank of the pipeline (reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="TOML config file (identical on every rank)")
-    p.add_argument("--chunks", type=int, default=12, help="chunks rank 0 plans before shutting down")
+    p.add_argument("--chunks", type=positive_int, default=12, help="chunks rank 0 plans before shutting down")
     p.add_argument("--prompt", default=None)
-    p.add_argument("--cut-at", type=int, action="append", default=[], metavar="K")
+    p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
     p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
     p.add_argument("--summary-out", default=None, help="rank 0 writes its run summary (JSON) here")
     p.add_argument("--latents-out", default=None, help="rank 0 writes each emitted chunk's latents_out here")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from . import non_negative_int, positive_int
+
 HELP = "print the lifecycle plan of a scripted stream (no model, no processes)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--chunks", type=positive_int, default=8)
     p.add_argument("--mode", choices=("r1", "r0a", "r0"), default="r0a")
-    p.add_argument("--cut-at", type=int, action="append", default=[], metavar="K")
+    p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
     p.add_argument("--prompt", default="a red fox running through snow")
     p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
     p.add_argument("--config", default=None, help="TOML config file")

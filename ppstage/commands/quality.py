@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+from . import non_negative_int, positive_int
+
 HELP = "compare decoded frames of two recompute modes (PSNR, max abs diff); PASS/FAIL report"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", choices=("r1", "r0a", "r0"), default="r0a")
     p.add_argument("--candidate", choices=("r1", "r0a", "r0"), default="r0")
-    p.add_argument("--chunks", type=int, default=12)
+    p.add_argument("--chunks", type=positive_int, default=12)
     p.add_argument("--threshold", type=float, default=None, metavar="DB",
                    help="minimum per-chunk PSNR to PASS (default 35 dB)")
     p.add_argument("--out", default="out/quality.json", help="report JSON path")
     p.add_argument("--prompt", default=None)
-    p.add_argument("--cut-at", type=int, action="append", default=[], metavar="K")
+    p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
     p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
     p.add_argument("--config", default=None, help="TOML config file")
     p.add_argument("--threads", type=int, default=1)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from . import non_negative_int, positive_int
+
 HELP = "run the single-process reference model (R1/R0a/R0); write digests JSON and a contact sheet"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--chunks", type=positive_int, default=8)
     p.add_argument("--mode", choices=("r1", "r0a", "r0"), default=None, help="default: the config's")
     p.add_argument("--prompt", default=None, help="stream prompt (default: the reference's)")
-    p.add_argument("--cut-at", type=int, action="append", default=[], metavar="K")
+    p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
     p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
     p.add_argument("--out", default="out/reference", help="output directory")
     p.add_argument("--config", default=None, help="TOML config file")
