@@ -10,6 +10,7 @@ runs never set it; the hooks it drives cost one ``is None`` check per chunk.
 | ``extra_generator_call`` | a stage leader runs one denoise call more than planned | B2 |
 | ``tamper_envelope`` | rank 0 changes ``latents_in`` after its digest was taken | B5 |
 | ``perturb_start_frame`` | rank 0 sends ``current_start_frame + 1`` (its own plan unchanged) | B7 |
+| ``stall_generator_call`` | a stage leader's worker hangs in a generator call (a stuck kernel) | §7 |
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ ENV_VAR = "PPSTAGE_FAULT"
 
 
 class Fault(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    kind: Literal["extra_generator_call", "tamper_envelope", "perturb_start_frame"]
+    kind: Literal["extra_generator_call", "tamper_envelope", "perturb_start_frame", "stall_generator_call"]
     chunk_index: int
 
     def fires(self, kind: str, chunk_index: int) -> bool:

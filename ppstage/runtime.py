@@ -30,6 +30,7 @@ from .errors import ParityError
 from .reference import StreamScript
 
 EXIT_OK, EXIT_FAILED, EXIT_PARITY = 0, 1, 2
+FATAL_GRACE_S = 5.0  # time an actor gets to report and stop after its channel failed
 
 
 class RankOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,9 +99,23 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
         log.error("channel failed", reason=str(exc), error=type(exc).__name__)
         if not fatal.done():
             fatal.set_result(exc)
+            # The actor normally ends itself on ``fatal``; if it is stuck (a hung
+            # kernel in the worker thread), the process still ends, loudly.
+            loop.call_later(FATAL_GRACE_S, _hard_exit, log, exc)
+
+    ending: list[bool] = []
+
+    def on_terminal(msg) -> None:
+        # The actor handles SHUTDOWN / ERROR itself within moments; this timer only
+        # fires if it cannot (stuck in the worker), so that the process still ends.
+        if not ending:
+            ending.append(True)
+            reason = f"{type(msg).__name__} received but the actor did not stop"
+            loop.call_later(FATAL_GRACE_S, _hard_exit, log, ProtocolError(reason))
 
     transport = Transport(
-        config, role, groups, loop=loop, geometry=config.wire_geometry(), on_fatal=on_fatal
+        config, role, groups, loop=loop, geometry=config.wire_geometry(),
+        on_fatal=on_fatal, on_terminal=on_terminal,
     )
     if role.stage == 0:
         progress = _print_progress if opts.progress else None
@@ -131,6 +146,11 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, leader.on_sigterm)
     return await leader.run()
+
+
+def _hard_exit(log, exc: ProtocolError) -> None:
+    log.error("actor did not stop in time; exiting", reason=str(exc))
+    exit_process(EXIT_FAILED)
 
 
 def _run_follower(config, role, groups, log) -> int:

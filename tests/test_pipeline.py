@@ -194,6 +194,7 @@ def test_sigterm_to_the_demo_command_drains_and_exits_zero(tmp_path):
         (2, "extra_generator_call", 3, "CallCountMismatch"),  # B2
         (0, "tamper_envelope", 2, "DigestMismatch"),  # B5
         (0, "perturb_start_frame", 2, "IllegalTransition"),  # B7
+        (2, "stall_generator_call", 3, "WatchdogExpired"),  # a hang becomes an error in seconds
     ],
 )
 def test_injected_fault_ends_every_rank_nonzero_with_a_typed_report(tmp_path, fault_rank, kind, chunk, expected):

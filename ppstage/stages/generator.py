@@ -155,6 +155,8 @@ class StageLeader:
             report: tuple[StageReport, ...] = ()
             if final and self.fault is not None and self.fault.fires("extra_generator_call", env.chunk_index):
                 await self._work(self._call, env, "denoise", i, float(t), x)  # B2: one call too many
+            if final and self.fault is not None and self.fault.fires("stall_generator_call", env.chunk_index):
+                await self._work(time.sleep, 3600.0)  # a stuck kernel: only the watchdogs can end this
             if final:
                 state = await self._work(self._end, env, y)
                 report = (

@@ -57,6 +57,8 @@ from .watchdog import ResultDeadline
 
 log = structlog.get_logger("ppstage.stage0")
 
+WATCHDOG_TICK_S = 0.25  # how often an owed result's deadline is re-checked
+
 Sink = Callable[[ChunkPlan, torch.Tensor], None]
 
 
@@ -113,6 +115,7 @@ class Stage0Actor:
         self._last_send = time.monotonic()
         self._decoding = False
         self._last_result_t: float | None = None
+        self._owed_since = time.monotonic()
         self.max_in_flight = 0
         self.max_decode_queue = 0
         self.flushed = 0
@@ -193,6 +196,8 @@ class Stage0Actor:
             env, tensors = infer_envelope(plan, inputs)
             env = self._inject(env, tensors)
             ev.build_end = time.perf_counter()
+            if not self.gate.in_flight():
+                self._owed_since = time.monotonic()  # a result is owed from now on
             self._expect(plan)
             await self.transport.send(self.leader1, env, tensors)
             ev.sent = time.perf_counter()
@@ -230,13 +235,7 @@ class Stage0Actor:
     # -- phase C: gate, decode, emit -----------------------------------------------
     async def _receive(self) -> None:
         while True:
-            timeout = self.deadline.deadline_s() if self.gate.in_flight() else None
-            try:
-                item = await asyncio.wait_for(self.results.get(), timeout)
-            except asyncio.TimeoutError:
-                raise WatchdogExpired(
-                    f"no result within {timeout:.1f}s with {self.gate.in_flight()} chunk(s) in flight"
-                ) from None
+            item = await self._next_result()
             msg = item.msg
             if item.error is not None:
                 raise item.error
@@ -256,6 +255,7 @@ class Stage0Actor:
             assert latents is not None  # the gate refuses an ok result without it
             self._check_result(msg, latents)
             plan = self.plans.pop(msg.call_id)
+            self._owed_since = time.monotonic()
             now = time.perf_counter()
             if self._last_result_t is not None:
                 self.deadline.observe(now - self._last_result_t)
@@ -270,6 +270,23 @@ class Stage0Actor:
             self._progress.set()
             await self._decode_q.put((plan, latents))
             self.max_decode_queue = max(self.max_decode_queue, self._decode_q.qsize())
+
+    async def _next_result(self):
+        """The next inbound result, or ``WatchdogExpired`` once one is owed for too long.
+
+        Re-checked every tick rather than armed once: a result becomes owed
+        when an envelope is sent, which may happen while this is waiting.
+        """
+        while True:
+            try:
+                return await asyncio.wait_for(self.results.get(), WATCHDOG_TICK_S)
+            except asyncio.TimeoutError:
+                pass
+            deadline = self.deadline.deadline_s()
+            if self.gate.in_flight() and time.monotonic() - self._owed_since > deadline:
+                raise WatchdogExpired(
+                    f"no result within {deadline:.1f}s with {self.gate.in_flight()} chunk(s) in flight"
+                )
 
     def _check_result(self, msg: ChunkResult, latents: torch.Tensor) -> None:
         if tensor_digest(latents) != msg.output_digest:

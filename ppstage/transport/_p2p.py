@@ -126,6 +126,11 @@ class Transport:
         bytes) when a link can no longer be trusted. The process must then
         report and exit: the link is out of step or gone. It may be called
         more than once (each failing thread reports); treat it as idempotent.
+    on_terminal:
+        Optional; called on the loop with each inbound ``SHUTDOWN`` / ``ERROR``
+        as it arrives, before the consumer reads it. After a terminal action a
+        closing link is expected rather than fatal, so this is how a process
+        whose actor is stuck (say, in a hung kernel) still learns it must end.
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class Transport:
         device: str | torch.device = "cpu",
         geometry: WireGeometry | None = None,
         on_fatal: Callable[[ProtocolError], Any],
+        on_terminal: Callable[[WireMessage], Any] | None = None,
     ) -> None:
         self.config = config
         self.role = role
@@ -146,6 +152,7 @@ class Transport:
         self.geometry = geometry
         self._loop = loop
         self._on_fatal = on_fatal
+        self._on_terminal = on_terminal
         self._frame_timeout = timedelta(seconds=config.runtime.pg_timeout_s)
         self._outbox: queue.SimpleQueue[_Outgoing | None] = queue.SimpleQueue()
         self._inbound: dict[int, asyncio.Queue[Inbound]] = {}
@@ -349,6 +356,8 @@ class Transport:
             action = action_of(msg)
             if action in TERMINAL_ACTIONS:
                 self._ending = True
+                if self._on_terminal is not None:
+                    self._call_soon(self._on_terminal, msg)
             self._log.debug("transport.received", src=src, action=action, invalid=error is not None, **ids)
             if not self._call_soon(inbox.put_nowait, Inbound(msg, tensors, error, received_at)):
                 return
