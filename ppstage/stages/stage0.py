@@ -46,7 +46,7 @@ from ..logs import ids_of
 from ..model.digest import tensor_digest
 from ..model.stage import cache_geometry
 from ..plan import ChunkPlan
-from ..planner import Planner
+from ..planner import Intent, Planner
 from ..reference import StreamScript
 from ..stream_inputs import StaleInputs, StreamInputs
 from ..topology import Role
@@ -121,6 +121,14 @@ class Stage0Actor:
         self.flushed = 0
         self._log = log.bind(rank=0, stage=0)
 
+    def submit(self, intent: Intent) -> None:
+        """Queue an intent (hard cut, prompt, bias, steps) for the next chunk boundary.
+
+        The entry point for a live control surface (the service to come); the
+        scripted stream uses it too. Raises ``PlannerError`` for a bad intent.
+        """
+        self.planner.submit(intent)
+
     def on_sigterm(self) -> None:
         if not self._stopping:
             self._log.info("sigterm: stop planning, drain, shut down")
@@ -146,6 +154,10 @@ class Stage0Actor:
         except ProtocolError as exc:
             code, error = 1, f"{type(exc).__name__}: {exc}"
             self._log.error("pipeline failed", reason=error)
+            await self._send_error(error)
+        except Exception as exc:  # a bug or a torch error: still end the chain loudly
+            code, error = 1, f"{type(exc).__name__}: {exc}"
+            self._log.exception("stage 0 failed")
             await self._send_error(error)
         finally:
             for t in [producer, *tasks]:
@@ -180,7 +192,7 @@ class Stage0Actor:
             if k in self.pause_before:  # an idle stream: only keepalives flow
                 await asyncio.sleep(self.pause_before[k])
             for intent in self.script.intents_at(k):
-                self.planner.submit(intent)
+                self.submit(intent)
             await self._wait(lambda: self.gate.in_flight() < d_in or self._stopping)
             if self._stopping:
                 break
