@@ -323,5 +323,8 @@ class MeshFollower:
                     self._log.error("terminal action from leader", reason=msg.reason, **ids_of(msg))
                     return 1
         except ProtocolError as exc:
-            self._log.error("mesh follower failed", reason=str(exc))
+            self._log.error("mesh follower failed", reason=str(exc), error=type(exc).__name__)
+            return 1
+        except Exception as exc:  # a collective failing because a mesh peer died
+            self._log.error("mesh follower failed", reason=str(exc).splitlines()[0], error=type(exc).__name__)
             return 1
