@@ -198,12 +198,16 @@ def test_sigterm_to_the_demo_command_drains_and_exits_zero(tmp_path):
         (0, "tamper_envelope", 2, "DigestMismatch"),  # B5
         (0, "perturb_start_frame", 2, "IllegalTransition"),  # B7
         (2, "stall_generator_call", 3, "WatchdogExpired"),  # a hang becomes an error in seconds
+        (2, "reset_cache_one_rank", 3, "StateDivergence"),  # B6, caught by rank 0's shadow lifecycle
+        (4, "reset_cache_one_rank", 3, "StateDivergence"),  # B6 on a mesh follower, caught in the mesh
     ],
 )
 def test_injected_fault_ends_every_rank_nonzero_with_a_typed_report(tmp_path, fault_rank, kind, chunk, expected):
     import json
 
-    config = config_for(2, "r0a", tp=2 if kind == "tamper_envelope" else 1)
+    # R1 for the reset: an R0a recompute rebuilds the cache every chunk, which would repair it.
+    mode = "r1" if kind == "reset_cache_one_rank" else "r0a"
+    config = config_for(2, mode, tp=2 if kind == "tamper_envelope" or fault_rank == 4 else 1)
     fault = {fault_rank: {"PPSTAGE_FAULT": json.dumps({"kind": kind, "chunk_index": chunk})}}
     pipe = start_pipeline(config, tmp_path / "run", chunks=8, launch_args=["--quiet"], env_overrides=fault)
     t0 = time.monotonic()
@@ -215,4 +219,6 @@ def test_injected_fault_ends_every_rank_nonzero_with_a_typed_report(tmp_path, fa
     assert all(c not in (0, None) for c in codes), codes  # nobody hung (None) or pretended success
     result = pipe.summary()
     assert result["exit_code"] == 1 and expected in result["error"], result["error"]
-    assert result["summary"]["chunks_emitted"] == chunk  # everything before the fault was emitted
+    # Everything before the fault was emitted; a B6 reset after chunk k shows in chunk k + 1.
+    emitted = result["summary"]["chunks_emitted"]
+    assert emitted == chunk + (1 if kind == "reset_cache_one_rank" else 0)

@@ -35,7 +35,7 @@ from protocol import (
 
 from ..config import PPStageConfig
 from ..errors import ChannelDead, WatchdogExpired
-from ..faults import fault_from_env
+from ..faults import fault_from_env, out_of_band_reset
 from ..logs import ids_of
 from ..model.digest import tensor_digest
 from ..model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step
@@ -186,6 +186,8 @@ class StageLeader:
                 if self.role.handback_dst is not None:
                     msg = hop(env, call_kind="denoise", step=i + 1, target="latent", tensor=x_next)
                     await self.transport.send(self.role.handback_dst, msg, [x_next])
+        if self.fault is not None and self.fault.fires("reset_cache_one_rank", env.chunk_index):
+            await self._work(out_of_band_reset, self.model)  # B6: the next chunk must report it
 
     # -- worker-thread bodies (model + mesh collectives) ----------------------
     def _begin(self, env: InferEnvelope, ordered: list[torch.Tensor]) -> None:
@@ -294,6 +296,7 @@ class MeshFollower:
         self.relay = MeshRelay(
             comm, role.leader_of(role.stage), extra_collective=config.runtime.debug_extra_collective
         )
+        self.fault = fault_from_env()
         self.last_activity = time.monotonic()
         self._log = log.bind(rank=role.rank, stage=role.stage, group=f"mesh{role.stage}")
 
@@ -316,6 +319,8 @@ class MeshFollower:
                     if self.model.lifecycle.state.calls_made == env.expected_generator_calls:
                         self.model.end_chunk()
                         self.relay.check_digests(self.model.state_digest(), tensor_digest(y), ids_of(env))
+                        if self.fault is not None and self.fault.fires("reset_cache_one_rank", env.chunk_index):
+                            out_of_band_reset(self.model)  # B6
                 elif isinstance(msg, ShutdownEnvelope):
                     self._log.info("shutdown", **ids_of(msg))
                     return 0
