@@ -191,9 +191,11 @@ class StageLeader:
 
     # -- worker-thread bodies (model + mesh collectives) ----------------------
     def _begin(self, env: InferEnvelope, ordered: list[torch.Tensor]) -> None:
-        self.relay.publish(env, ordered)
+        # The leader's own lifecycle check runs first: a plan it must refuse (an
+        # illegal transition) is refused before any mesh collective is entered.
         cond = ordered[[s.name for s in env.tensors].index("conditioning_embeds")]
         self.model.begin_chunk(env, cond)
+        self.relay.publish(env, ordered)
 
     def _call(self, env: InferEnvelope, kind: str, step: int, timestep: float, x: torch.Tensor) -> torch.Tensor:
         if self.relay.active:
