@@ -127,8 +127,6 @@ def test_every_tag_has_an_action_code_and_a_sample():
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=SAMPLE_IDS)
 def test_canonical_bytes_are_stable(msg):
-    assert canonical_bytes(msg) == canonical_bytes(msg)
-    assert encode_frame_bytes(msg) == encode_frame_bytes(msg)
     again = decode_frame(encode_frame_bytes(msg))
     assert canonical_bytes(again) == canonical_bytes(msg)
     assert encode_frame_bytes(again) == encode_frame_bytes(msg)
@@ -533,7 +531,8 @@ def test_resealed_garbage_metadata_never_escapes_as_another_exception(msg, data)
     for _ in range(data.draw(st.integers(1, 4))):
         p = data.draw(st.integers(0, len(meta) - 1))
         meta[p] = data.draw(st.integers(0, 255))
-    count = data.draw(st.integers(0, MAX_TENSORS))
+    # Mostly the true count, so the spec checks behind the decoder are reached too.
+    count = data.draw(st.one_of(st.just(len(msg.tensors)), st.integers(0, MAX_TENSORS)))
     frame = seal(
         bytes(meta),
         code=ACTION_CODES[action_of(msg)],

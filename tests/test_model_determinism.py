@@ -142,6 +142,7 @@ def test_tensor_parallel_shards_with_a_summing_reduce_match_tp1():
             t.start()
         for t in threads:
             t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a mesh rank hung"
         assert not errors, errors
         out0, out1 = outputs[0][-1], outputs[1][-1]
         assert torch.equal(out0, out1)  # both ranks of the mesh agree bitwise
