@@ -12,6 +12,7 @@ runs never set it; the hooks it drives cost one ``is None`` check per chunk.
 | ``perturb_start_frame`` | rank 0 sends ``current_start_frame + 1`` (its own plan unchanged) | B7 |
 | ``stall_generator_call`` | a stage leader's worker hangs in a generator call (a stuck kernel) | §7 |
 | ``reset_cache_one_rank`` | after the chunk, one rank zeroes its KV cache and indices, telling no one | B6 |
+| ``no_keepalives`` | rank 0 sends no NOOPs at all (``chunk_index`` unused) | B12's control |
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Fault(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         "perturb_start_frame",
         "stall_generator_call",
         "reset_cache_one_rank",
+        "no_keepalives",
     ]
     chunk_index: int
 

@@ -25,6 +25,7 @@ class ChunkEvents(msgspec.Struct, kw_only=True):
     build_end: float = 0.0
     sent: float = 0.0
     received: float = 0.0
+    queued: float = 0.0  # entered the decode queue (after ``received``: the put may wait)
     decode_start: float = 0.0
     decode_end: float = 0.0
     emitted: float = 0.0

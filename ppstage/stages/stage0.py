@@ -281,6 +281,8 @@ class Stage0Actor:
                 (self.latents_dir / f"chunk{plan.chunk_index}.f32").write_bytes(latents.numpy().tobytes())
             self._progress.set()
             await self._decode_q.put((plan, latents))
+            if ev is not None:
+                ev.queued = time.perf_counter()
             self.max_decode_queue = max(self.max_decode_queue, self._decode_q.qsize())
 
     async def _next_result(self):
@@ -364,6 +366,8 @@ class Stage0Actor:
             await asyncio.sleep(interval / 4)
             if self._plan_pending or time.monotonic() - self._last_send < interval:
                 continue
+            if self.fault is not None and self.fault.kind == "no_keepalives":
+                continue  # the control case of the keepalive test: the stages' watchdogs must fire
             ids = self.planner.control_ids()
             await self.transport.send(self.leader1, NoopEnvelope(**_ids(ids)), [])
             self._last_send = time.monotonic()
