@@ -113,14 +113,20 @@ def _validate_infer(m: InferEnvelope, g: WireGeometry | None, fail) -> None:
         if not m.do_kv_recompute and CONTEXT_TENSOR in names:
             fail("context_frames_override present without do_kv_recompute")
         fail(f"tensors {list(names)} differ from the required {list(want)}")
-    frame = (m.latent_channels, m.height, m.width)
-    _expect_shape(tensors[0], (m.num_frames, *frame), "float32", fail)
+    # Shape checks inline (the common, passing case is the hot path); the
+    # helper only runs to word the failure.
+    latents = tensors[0]
+    if latents.dtype != "float32" or latents.shape != geometry:
+        _expect_shape(latents, geometry, "float32", fail)
     cond = tensors[1]
     if g is not None:
-        _expect_shape(cond, (g.text_tokens, g.text_dim), "float32", fail)
+        if cond.dtype != "float32" or cond.shape != (g.text_tokens, g.text_dim):
+            _expect_shape(cond, (g.text_tokens, g.text_dim), "float32", fail)
     elif len(cond.shape) != 2 or cond.dtype != "float32":
         fail("conditioning_embeds must be a 2-D float32 tensor")
-    _expect_shape(tensors[2], (m.num_denoise_steps,), "int64", fail)
+    step_list = tensors[2]
+    if step_list.dtype != "int64" or step_list.shape != (steps,):
+        _expect_shape(step_list, (steps,), "int64", fail)
     if m.do_kv_recompute:
         ctx = m.context_frame_indices
         n_ctx = len(ctx)
@@ -132,7 +138,10 @@ def _validate_infer(m: InferEnvelope, g: WireGeometry | None, fail) -> None:
             fail("context_frame_indices must be strictly increasing")
         if ctx[0] < 0 or ctx[-1] >= m.current_start_frame:
             fail("context frames must lie before current_start_frame")
-        _expect_shape(tensors[3], (n_ctx, *frame), "float32", fail)
+        context = tensors[3]
+        want_ctx = (n_ctx, *geometry[1:])
+        if context.dtype != "float32" or context.shape != want_ctx:
+            _expect_shape(context, want_ctx, "float32", fail)
     elif m.context_frame_indices:
         fail("context_frame_indices present without do_kv_recompute")
 

@@ -16,7 +16,9 @@ typical INFER envelope (4 tensor specs, a recompute over 3 context frames):
   remote code execution).
 
 Only metadata is measured: tensor payloads cost the same on both paths.
-Times are medians over ``repeats`` runs of ``iterations`` round trips each,
+Times are the best of ``repeats`` runs of ``iterations`` round trips each (as
+``timeit`` advises: slower runs measure interference from the shared machine,
+not the code),
 with the garbage collector off (as ``timeit`` does).
 """
 
@@ -25,7 +27,6 @@ from __future__ import annotations
 import gc
 import math
 import pickle  # benchmark baseline only: never used on the wire or in logs
-import statistics
 import struct
 import time
 import zlib
@@ -319,8 +320,8 @@ def pickle_round_trip(d: dict[str, Any], g: WireGeometry) -> dict[str, Any]:
 # -- measuring ---------------------------------------------------------------------------
 
 
-def median_us(fn: Callable[[], object], iterations: int, repeats: int) -> float:
-    """Median over ``repeats`` of the mean time of one call, in microseconds."""
+def best_us(fn: Callable[[], object], iterations: int, repeats: int) -> float:
+    """Best over ``repeats`` of the mean time of one call, in microseconds."""
     times = []
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -333,19 +334,19 @@ def median_us(fn: Callable[[], object], iterations: int, repeats: int) -> float:
     finally:
         if gc_was_enabled:
             gc.enable()
-    return statistics.median(times)
+    return min(times)
 
 
-def paired_median_us(
+def paired_best_us(
     fa: Callable[[], object], fb: Callable[[], object], iterations: int, repeats: int
 ) -> tuple[float, float]:
-    """Medians of ``fa`` and ``fb`` timed in alternating runs, so that a burst of
+    """Best times of ``fa`` and ``fb`` over alternating runs, so that a burst of
     load on this shared machine hits both paths alike and the ratio stays honest."""
     a, b = [], []
     for _ in range(repeats):
-        a.append(median_us(fa, iterations, 1))
-        b.append(median_us(fb, iterations, 1))
-    return statistics.median(a), statistics.median(b)
+        a.append(best_us(fa, iterations, 1))
+        b.append(best_us(fb, iterations, 1))
+    return min(a), min(b)
 
 
 def run_protocol_bench(iterations: int = 20_000, repeats: int = 7) -> ProtocolBenchResult:
@@ -362,17 +363,17 @@ def run_protocol_bench(iterations: int = 20_000, repeats: int = 7) -> ProtocolBe
     received = decode_metadata(header, head, meta)
     _, pickled = _pickle_encode(d)
     warmup = max(1, iterations // 10)
-    median_us(lambda: msgspec_round_trip(msg, g), warmup, 1)
-    median_us(lambda: pickle_round_trip(d, g), warmup, 1)
-    msgspec_us, pickle_us = paired_median_us(
+    best_us(lambda: msgspec_round_trip(msg, g), warmup, 1)
+    best_us(lambda: pickle_round_trip(d, g), warmup, 1)
+    msgspec_us, pickle_us = paired_best_us(
         lambda: msgspec_round_trip(msg, g), lambda: pickle_round_trip(d, g), iterations, repeats
     )
     return ProtocolBenchResult(
         iterations=iterations,
         repeats=repeats,
-        encode_us=median_us(lambda: encode_frame(msg), iterations, repeats),
-        decode_us=median_us(lambda: decode_metadata(parse_header(head), head, meta), iterations, repeats),
-        validate_us=median_us(lambda: validate(received, g), iterations, repeats),
+        encode_us=best_us(lambda: encode_frame(msg), iterations, repeats),
+        decode_us=best_us(lambda: decode_metadata(parse_header(head), head, meta), iterations, repeats),
+        validate_us=best_us(lambda: validate(received, g), iterations, repeats),
         msgspec_us=msgspec_us,
         pickle_us=pickle_us,
         msgspec_meta_bytes=len(meta),
@@ -393,7 +394,7 @@ def format_report(r: ProtocolBenchResult) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [
         "protocol round trip: InferEnvelope, 4 tensor specs, recompute over 3 context frames",
-        f"(metadata only; median of {r.repeats} x {r.iterations} round trips)",
+        f"(metadata only; best of {r.repeats} runs of {r.iterations} round trips)",
         "",
         *(f"{k:<{width}}  {v}" for k, v in rows),
         "",
