@@ -258,3 +258,35 @@ def test_injected_fault_ends_every_rank_nonzero_with_a_typed_report(
     assert expected in pipe.log_tail(detector, lines=60), pipe.log_tail(detector)
     if kind == "tamper_envelope":  # B5: the leader ended its mesh with a terminal action
         assert "terminal action from leader" in pipe.log_tail(2, lines=60)
+
+
+def test_launch_runs_each_rank_under_torchrun(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ppstage.launcher import to_toml
+
+    config = config_for(2, "r0a")
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text(to_toml(config))
+    summary = tmp_path / "summary.json"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [
+        torchrun, "--standalone", "--nproc-per-node", str(config.topology.world_size),
+        "-m", "ppstage.cli", "launch", "--config", str(cfg), "--chunks", "6", "--quiet",
+        "--summary-out", str(summary),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads(summary.read_text())
+    check = check_digests(result["events"], run_reference(config, 6, StreamScript()))
+    assert check.ok and check.compared == 6, check
