@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "plan", "bench", "reference", "quality", "launch")
+COMMANDS = ("demo", "launch", "config", "plan", "reference", "quality", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

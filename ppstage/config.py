@@ -209,6 +209,17 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             max_context_frames=self.cache.max_context_frames,
         )
 
+    def to_toml(self) -> str:
+        """TOML text that ``from_toml`` reads back into an equal config."""
+        lines: list[str] = []
+        for section, values in msgspec.to_builtins(self).items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                if value is not None:  # TOML has no null: an absent key takes its default (None)
+                    lines.append(f"{key} = {msgspec.json.encode(value).decode()}")
+            lines.append("")
+        return "\n".join(lines)
+
     def canonical_bytes(self) -> bytes:
         return msgspec.json.encode(self, order="sorted")
 

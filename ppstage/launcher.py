@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-import msgspec
 
 from .config import PPStageConfig
 
@@ -32,18 +31,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def to_toml(config: PPStageConfig) -> str:
-    """A TOML rendering of ``config`` (``PPStageConfig.from_toml`` reads it back identically)."""
-    lines: list[str] = []
-    for section, values in msgspec.to_builtins(config).items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if value is not None:
-                lines.append(f"{key} = {json.dumps(value)}")
-        lines.append("")
-    return "\n".join(lines)
 
 
 @dataclass
@@ -140,7 +127,7 @@ def start_pipeline(
         for rank in range(world):
             cfg = (config_overrides or {}).get(rank, config)
             cfg_path = out / f"config.rank{rank}.toml"
-            cfg_path.write_text(to_toml(cfg))
+            cfg_path.write_text(cfg.to_toml())
             env = {
                 **os.environ,
                 "RANK": str(rank),

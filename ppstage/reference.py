@@ -27,7 +27,14 @@ from .model.digest import tensor_digest
 from .model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_chunk
 from .model.stage import GeneratorStage
 from .plan import ChunkPlan
-from .planner import AttentionBiasChange, HardCut, Intent, Planner, PromptUpdate, StreamStart
+from .planner import (
+    AttentionBiasChange,
+    HardCut,
+    Intent,
+    Planner,
+    PromptUpdate,
+    StreamStart,
+)
 from .stream_inputs import ChunkInputs, StreamInputs
 
 DEFAULT_PROMPT = "a red fox running through snow"

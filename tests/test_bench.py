@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from wire_samples import replace
 
 from ppstage.bench import protocol_bench as pb
 from ppstage.cli import main
 from protocol import InvariantViolation, validate
-from wire_samples import replace
 
 
 def test_bench_protocol_prints_figures_and_a_verdict(capsys):

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wire_samples import chunk_result, infer_envelope, sample_messages, spec
 
 from protocol import (
     ACTION_CODES,
@@ -45,7 +46,6 @@ from protocol import (
     message_digest,
     parse_header,
 )
-from wire_samples import chunk_result, infer_envelope, sample_messages, spec
 
 # The documented header layout (docs/protocol.md): magic, version, action code,
 # tensor count, call_id, chunk_index, cache_epoch, meta_len, crc32.

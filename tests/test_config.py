@@ -232,3 +232,33 @@ def test_wire_geometry_follows_model_and_cache():
     g = PPStageConfig().with_overrides({"cache.chunk_frames": 2}).wire_geometry()
     assert (g.num_frames, g.latent_channels, g.height, g.width) == (2, 4, 8, 8)
     assert (g.tokens_per_frame, g.hidden_dim, g.max_context_frames) == (16, 64, 4)
+
+
+def test_to_toml_reads_back_into_an_equal_config(tmp_path):
+    cfg = PPStageConfig().with_overrides(
+        {
+            "topology.stages": 2,
+            "topology.layer_ranges": ((0, 3), (3, 8)),
+            "recompute.mode": "r1",
+            "recompute.r0_quality_report": 'reports/"r0" quality.json',
+            "denoise.step_list": (1000, 500),
+        }
+    )
+    path = tmp_path / "pipeline.toml"
+    path.write_text(cfg.to_toml())
+    assert PPStageConfig.from_toml(path) == cfg
+    assert PPStageConfig.from_toml(path).digest() == cfg.digest()
+
+
+def test_config_command_prints_a_loadable_config(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "ppstage.cli", "config", "--stages", "3", "--mode", "r0"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    path = tmp_path / "c.toml"
+    path.write_text(out)
+    cfg = PPStageConfig.from_toml(path)
+    assert (cfg.topology.stages, cfg.recompute.mode) == (3, "r0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from wire_samples import replace, result_for, spec
 
 from ppstage.config import PPStageConfig
 from ppstage.errors import (
@@ -16,7 +17,6 @@ from ppstage.errors import (
 from ppstage.gate import EpochGate
 from ppstage.planner import HardCut, Planner, StreamStart
 from protocol import ChunkResult, ProtocolError
-from wire_samples import replace, result_for, spec
 
 
 class Stream:

@@ -9,7 +9,11 @@ import torch
 
 from ppstage.config import PPStageConfig
 from ppstage.model.generator import full_block_weights, shard_block_weights
-from ppstage.model.scheduler import FlowMatchScheduler, RECOMPUTE_TIMESTEP, denoise_chunk
+from ppstage.model.scheduler import (
+    RECOMPUTE_TIMESTEP,
+    FlowMatchScheduler,
+    denoise_chunk,
+)
 from ppstage.model.stage import GeneratorStage
 from ppstage.planner import Planner, StreamStart
 from ppstage.reference import ReferencePipeline, StreamScript, run_reference

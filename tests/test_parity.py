@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from dist_helpers import run_ranks
+
 from ppstage.config import PPStageConfig
 from ppstage.parity import compare_settings, parity_settings
 

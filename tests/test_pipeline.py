@@ -265,11 +265,9 @@ def test_launch_runs_each_rank_under_torchrun(tmp_path):
     import sys
     from pathlib import Path
 
-    from ppstage.launcher import to_toml
-
     config = config_for(2, "r0a")
     cfg = tmp_path / "pipeline.toml"
-    cfg.write_text(to_toml(config))
+    cfg.write_text(config.to_toml())
     summary = tmp_path / "summary.json"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     cmd = [

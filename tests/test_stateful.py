@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from wire_samples import result_for
 
 from ppstage.config import PPStageConfig
 from ppstage.errors import OutOfOrderResult
@@ -28,7 +29,6 @@ from ppstage.planner import (
     StreamStart,
 )
 from protocol import ChunkResult
-from wire_samples import result_for
 
 CONFIG = PPStageConfig().with_overrides({"model.rope_max_frames": 15, "recompute.cadence": 1})
 CACHE = CacheGeometry(

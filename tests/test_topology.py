@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_helpers import run_ranks
+
 from ppstage.config import ConfigError, PPStageConfig
 from ppstage.topology import (
     MeshComm,

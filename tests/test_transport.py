@@ -19,8 +19,8 @@ from datetime import timedelta
 import msgspec
 import pytest
 import torch
-
 from dist_helpers import run_ranks
+
 from ppstage.config import PPStageConfig
 from ppstage.errors import ChannelDead
 from ppstage.topology import ProcessGroups, WrongGroup, build_groups, role_for

@@ -5,16 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from protocol import (
-    ErrorEnvelope,
-    InvariantViolation,
-    NoopEnvelope,
-    ParityHello,
-    ShutdownEnvelope,
-    WireGeometry,
-    validate,
-)
 from wire_samples import (
     CHUNK,
     FRAME,
@@ -30,6 +20,16 @@ from wire_samples import (
     spec,
     stage_hop,
     stage_report,
+)
+
+from protocol import (
+    ErrorEnvelope,
+    InvariantViolation,
+    NoopEnvelope,
+    ParityHello,
+    ShutdownEnvelope,
+    WireGeometry,
+    validate,
 )
 
 

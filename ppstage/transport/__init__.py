@@ -58,7 +58,15 @@ Failure model
 
 from ._bootstrap import init_process_group
 from ._p2p import IDLE_WAIT, TERMINAL_ACTIONS, Inbound, Transport
-from ._tensors import TORCH_DTYPE, WIRE_DTYPE, byte_view, make_spec, prepare_tensors, rebuild, tensor_digest
+from ._tensors import (
+    TORCH_DTYPE,
+    WIRE_DTYPE,
+    byte_view,
+    make_spec,
+    prepare_tensors,
+    rebuild,
+    tensor_digest,
+)
 
 __all__ = [
     "IDLE_WAIT",

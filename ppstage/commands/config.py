@@ -1,0 +1,33 @@
+"""``ppstage config``: print a complete TOML config (defaults plus the given overrides)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import positive_int
+
+HELP = "print a complete TOML config, e.g. `ppstage config --stages 4 > pipeline.toml` for ppstage launch"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stages", type=positive_int, default=None)
+    p.add_argument("--tp", type=positive_int, default=None)
+    p.add_argument("--mode", choices=("r1", "r0a", "r0"), default=None)
+    p.add_argument("--backend", choices=("gloo", "nccl"), default=None)
+    p.add_argument("--config", default=None, help="start from this TOML file instead of the defaults")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import ConfigError, PPStageConfig
+
+    keys = {"stages": "topology.stages", "tp": "topology.tp", "mode": "recompute.mode", "backend": "topology.backend"}
+    overrides = {key: getattr(args, name) for name, key in keys.items() if getattr(args, name) is not None}
+    try:
+        cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
+        cfg = cfg.with_overrides(overrides)
+    except ConfigError as exc:
+        print(f"ppstage config: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(cfg.to_toml())
+    return 0
