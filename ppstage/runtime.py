@@ -29,7 +29,7 @@ from .config import PPStageConfig
 from .errors import ParityError
 from .reference import StreamScript
 
-EXIT_OK, EXIT_FAILED, EXIT_PARITY = 0, 1, 2
+EXIT_FAILED, EXIT_PARITY = 1, 2  # 0 after an orderly SHUTDOWN
 FATAL_GRACE_S = 5.0  # time an actor gets to report and stop after its channel failed
 
 

@@ -51,9 +51,15 @@ log = structlog.get_logger("ppstage.stage")
 def build_stage_model(config: PPStageConfig, role: Role, comm: MeshComm) -> GeneratorStage:
     assert role.layer_range is not None  # generator ranks always own layers
     reduce = comm.all_reduce if role.tp_size > 1 else None
-    return GeneratorStage(
+    model = GeneratorStage(
         config, role.layer_range, tp_rank=role.tp_rank, tp_size=role.tp_size, reduce=reduce
     )
+    # SPEC section 9: the weight fingerprint of every shard, logged once at start-up.
+    log.info(
+        "weights built", rank=role.rank, stage=role.stage, layers=role.layer_range,
+        tp_rank=role.tp_rank, fingerprint=model.weight_fingerprint(),
+    )
+    return model
 
 
 class StageLeader:

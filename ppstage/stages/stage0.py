@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import msgspec
 import structlog
@@ -148,8 +148,8 @@ class Stage0Actor:
             await self._until(producer, tasks)
             await self._drain(tasks)
             ids = self.planner.control_ids()
-            await self.transport.send(self.leader1, ShutdownEnvelope(**_ids(ids)), [])
-            self._log.info("shutdown sent", **_ids(ids))
+            await self.transport.send(self.leader1, ShutdownEnvelope(**ids_of(ids)), [])
+            self._log.info("shutdown sent", **ids_of(ids))
             code, error = 0, None
         except ProtocolError as exc:
             code, error = 1, f"{type(exc).__name__}: {exc}"
@@ -260,6 +260,8 @@ class Stage0Actor:
             ev = self.events.get(msg.chunk_index)
             if not verdict.accepted:
                 self._log.info("result dropped", reason=verdict.reason, **ids_of(msg))
+                self.plans.pop(msg.call_id, None)  # a stale plan is never accepted later
+                self.expected_digest.pop(msg.call_id, None)
                 if ev is not None and ev.outcome == "in_flight":
                     ev.outcome = verdict.reason
                 self._progress.set()
@@ -369,7 +371,7 @@ class Stage0Actor:
             if self.fault is not None and self.fault.kind == "no_keepalives":
                 continue  # the control case of the keepalive test: the stages' watchdogs must fire
             ids = self.planner.control_ids()
-            await self.transport.send(self.leader1, NoopEnvelope(**_ids(ids)), [])
+            await self.transport.send(self.leader1, NoopEnvelope(**ids_of(ids)), [])
             self._last_send = time.monotonic()
 
     async def _drain(self, tasks: list[asyncio.Future]) -> None:
@@ -389,7 +391,7 @@ class Stage0Actor:
         ids = self.planner.control_ids()
         try:
             await asyncio.wait_for(
-                self.transport.send(self.leader1, ErrorEnvelope(reason=reason, origin_rank=0, **_ids(ids)), []),
+                self.transport.send(self.leader1, ErrorEnvelope(reason=reason, origin_rank=0, **ids_of(ids)), []),
                 timeout=2.0,
             )
         except Exception:  # the chain may already be gone; the error was logged
@@ -400,6 +402,3 @@ class Stage0Actor:
             self._progress.clear()
             await self._progress.wait()
 
-
-def _ids(ids: Any) -> dict[str, int]:
-    return {"call_id": ids.call_id, "chunk_index": ids.chunk_index, "cache_epoch": ids.cache_epoch}

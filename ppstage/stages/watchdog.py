@@ -1,35 +1,9 @@
-"""Liveness deadlines with an injected clock (tests use a fake one).
-
-A ``Watchdog`` is fed whenever something proves the peer alive (a message,
-a keepalive, a result) and reports expiry; the actor that owns it decides
-what expiry means (always: exit with a clear error, never wait on).
-"""
+"""Rank 0's liveness deadline for owed results (the actor decides what expiry means:
+always a clear error, never waiting on)."""
 
 from __future__ import annotations
 
-import time
 from statistics import median
-from typing import Callable
-
-Clock = Callable[[], float]
-
-
-class Watchdog:
-    def __init__(self, deadline_s: float, *, clock: Clock = time.monotonic) -> None:
-        if deadline_s <= 0:
-            raise ValueError("a watchdog deadline must be positive")
-        self._clock = clock
-        self.deadline_s = deadline_s
-        self._last = clock()
-
-    def feed(self) -> None:
-        self._last = self._clock()
-
-    def remaining(self) -> float:
-        return self.deadline_s - (self._clock() - self._last)
-
-    def expired(self) -> bool:
-        return self.remaining() <= 0
 
 
 class ResultDeadline:
