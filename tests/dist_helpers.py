@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ppstage.launcher import free_port
+from ppstage.stages.launcher import free_port
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -45,7 +45,7 @@ class RankContext:
 
     def init(self, config) -> None:
         """Initialise the default process group (gloo, loopback, config timeout)."""
-        from ppstage.transport import init_process_group
+        from ppstage.distributed.transport import init_process_group
 
         init_process_group(config, self.rank, self.world_size, "127.0.0.1", self.port)
 

@@ -14,8 +14,8 @@ from ppstage.errors import (
     OutOfOrderResult,
     RemoteStageError,
 )
-from ppstage.gate import EpochGate
-from ppstage.planner import HardCut, Planner, StreamStart
+from ppstage.core.gate import EpochGate
+from ppstage.core.planner import HardCut, Planner, StreamStart
 from protocol import ChunkResult, ProtocolError
 
 

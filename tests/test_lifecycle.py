@@ -7,9 +7,9 @@ from wire_samples import infer_envelope, replace
 
 from ppstage.config import PPStageConfig
 from ppstage.errors import CallCountMismatch, IllegalTransition
-from ppstage.lifecycle import CacheGeometry, CacheLifecycle
-from ppstage.plan import ChunkPlan
-from ppstage.planner import HardCut, Planner, PromptUpdate, StreamStart
+from ppstage.core.lifecycle import CacheGeometry, CacheLifecycle
+from ppstage.core.plan import ChunkPlan
+from ppstage.core.planner import HardCut, Planner, PromptUpdate, StreamStart
 
 TPF = 16
 GEOMETRY = CacheGeometry(window_frames=6, sink_frames=1, tokens_per_frame=TPF, chunk_frames=3)

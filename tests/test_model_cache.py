@@ -6,8 +6,8 @@ import torch
 
 from ppstage.config import PPStageConfig
 from ppstage.model.stage import GeneratorStage
-from ppstage.planner import HardCut, Planner, PromptUpdate, StreamStart
-from ppstage.reference import ReferencePipeline
+from ppstage.core.planner import HardCut, Planner, PromptUpdate, StreamStart
+from ppstage.model.reference import ReferencePipeline
 
 TPF = PPStageConfig().model.tokens_per_frame
 

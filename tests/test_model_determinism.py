@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from ppstage.config import PPStageConfig
-from ppstage.model.generator import full_block_weights, shard_block_weights
+from ppstage.model.transformer import full_block_weights, shard_block_weights
 from ppstage.model.scheduler import (
     RECOMPUTE_TIMESTEP,
     FlowMatchScheduler,
     denoise_chunk,
 )
 from ppstage.model.stage import GeneratorStage
-from ppstage.planner import Planner, StreamStart
-from ppstage.reference import ReferencePipeline, StreamScript, run_reference
-from ppstage.stream_inputs import StreamInputs
+from ppstage.core.planner import Planner, StreamStart
+from ppstage.model.reference import ReferencePipeline, StreamScript, run_reference
+from ppstage.model.stream_inputs import StreamInputs
 
 SCRIPT = StreamScript(prompt="a red fox", cut_at=(5,), prompt_at={3: "a blue whale"})
 

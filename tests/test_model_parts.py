@@ -23,7 +23,7 @@ from ppstage.model import (
     step_noise,
     tensor_digest,
 )
-from ppstage.planner import Planner, StreamStart
+from ppstage.core.planner import Planner, StreamStart
 from protocol import digest_bytes
 
 

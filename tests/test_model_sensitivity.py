@@ -15,9 +15,9 @@ import msgspec
 import torch
 
 from ppstage.config import PPStageConfig
-from ppstage.plan import ChunkPlan
-from ppstage.planner import HardCut, Planner, PromptUpdate, StreamStart
-from ppstage.reference import ReferencePipeline
+from ppstage.core.plan import ChunkPlan
+from ppstage.core.planner import HardCut, Planner, PromptUpdate, StreamStart
+from ppstage.model.reference import ReferencePipeline
 
 TOL = 1e-3
 
@@ -133,7 +133,7 @@ def test_skipped_recompute_changes_the_output():
 
 
 def test_attention_bias_reweights_past_frames():
-    from ppstage.planner import AttentionBiasChange
+    from ppstage.core.planner import AttentionBiasChange
 
     plain = plans("r1", 4)
     biased = plans("r1", 4, {2: [AttentionBiasChange(0.25)]})

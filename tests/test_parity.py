@@ -6,7 +6,7 @@ import pytest
 from dist_helpers import run_ranks
 
 from ppstage.config import PPStageConfig
-from ppstage.parity import compare_settings, parity_settings
+from ppstage.distributed.parity import compare_settings, parity_settings
 
 BASE = {"topology.stages": 1, "topology.tp": 2, "runtime.pg_timeout_s": 5.0}
 
@@ -19,8 +19,8 @@ SKEWED = {
 
 def _worker(ctx):
     from ppstage.errors import ParityError
-    from ppstage.parity import parity_handshake
-    from ppstage.topology import build_groups, role_for
+    from ppstage.distributed.parity import parity_handshake
+    from ppstage.distributed.topology import build_groups, role_for
 
     overrides = dict(BASE)
     overrides.update(ctx.args.get("skew", {}).get(str(ctx.rank), {}))

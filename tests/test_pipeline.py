@@ -1,7 +1,7 @@
 """The distributed runtime end to end: real processes, gloo, the embedded model.
 
 Every run here is a real ``ppstage launch`` process per rank (started by
-``ppstage.launcher``), always reaped. Equivalence is against the
+``ppstage.stages.launcher``), always reaped. Equivalence is against the
 single-process reference pipeline.
 """
 
@@ -15,10 +15,10 @@ import time
 import pytest
 
 from ppstage.config import PPStageConfig
-from ppstage.demo import check_digests
-from ppstage.launcher import start_pipeline
-from ppstage.quality import format_table, run_quality, write_report
-from ppstage.reference import StreamScript, run_reference
+from ppstage.observability.report import check_digests
+from ppstage.stages.launcher import start_pipeline
+from ppstage.model.quality import format_table, run_quality, write_report
+from ppstage.model.reference import StreamScript, run_reference
 
 CHUNKS = 12
 SCRIPT = StreamScript(prompt="a red fox", prompt_at={4: "a grey wolf"}, cut_at=(8,))

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from ppstage.config import PPStageConfig
-from ppstage.planner import (
+from ppstage.core.planner import (
     AttentionBiasChange,
     HardCut,
     Planner,

@@ -10,7 +10,7 @@ import torch
 
 from ppstage.cli import main
 from ppstage.config import PPStageConfig
-from ppstage.quality import (
+from ppstage.model.quality import (
     QualityError,
     check_quality_report,
     psnr_db,
@@ -19,7 +19,7 @@ from ppstage.quality import (
     run_quality,
     write_report,
 )
-from ppstage.reference import run_reference
+from ppstage.model.reference import run_reference
 
 CHUNKS = 5
 

@@ -12,9 +12,9 @@ import torch
 from ppstage.cli import main
 from ppstage.config import PPStageConfig
 from ppstage.model import tensor_digest
-from ppstage.planner import HardCut, Planner, StreamStart
-from ppstage.reference import StreamScript, contact_sheet, run_reference, write_png
-from ppstage.stream_inputs import ContextUnavailable, StaleInputs, StreamInputs
+from ppstage.core.planner import HardCut, Planner, StreamStart
+from ppstage.model.reference import StreamScript, contact_sheet, run_reference, write_png
+from ppstage.model.stream_inputs import ContextUnavailable, StaleInputs, StreamInputs
 
 
 def cfg(mode: str) -> PPStageConfig:

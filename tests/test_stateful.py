@@ -18,9 +18,9 @@ from wire_samples import result_for
 
 from ppstage.config import PPStageConfig
 from ppstage.errors import OutOfOrderResult
-from ppstage.gate import EpochGate
-from ppstage.lifecycle import CacheGeometry, CacheLifecycle
-from ppstage.planner import (
+from ppstage.core.gate import EpochGate
+from ppstage.core.lifecycle import CacheGeometry, CacheLifecycle
+from ppstage.core.planner import (
     AttentionBiasChange,
     HardCut,
     Planner,

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from dist_helpers import run_ranks
 
 from ppstage.config import ConfigError, PPStageConfig
-from ppstage.topology import (
+from ppstage.distributed.topology import (
     MeshComm,
     ProcessGroups,
     WrongGroup,
@@ -162,7 +162,7 @@ def test_a_one_rank_mesh_is_a_local_no_op(issued):
 
 
 def _mesh_worker(ctx):
-    from ppstage.parity import parity_handshake
+    from ppstage.distributed.parity import parity_handshake
 
     cfg = _config(stages=1, tp=2)
     ctx.init(cfg)

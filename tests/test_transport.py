@@ -23,8 +23,8 @@ from dist_helpers import run_ranks
 
 from ppstage.config import PPStageConfig
 from ppstage.errors import ChannelDead
-from ppstage.topology import ProcessGroups, WrongGroup, build_groups, role_for
-from ppstage.transport import (
+from ppstage.distributed.topology import ProcessGroups, WrongGroup, build_groups, role_for
+from ppstage.distributed.transport import (
     TORCH_DTYPE,
     Transport,
     byte_view,

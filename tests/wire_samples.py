@@ -12,7 +12,7 @@ from math import prod
 import msgspec
 
 from ppstage.config import PPStageConfig
-from ppstage.plan import ChunkPlan
+from ppstage.core.plan import ChunkPlan
 from protocol import (
     DTYPE_ITEMSIZE,
     ChunkResult,

@@ -4,9 +4,9 @@ See docs/models.md. ``GeneratorStage`` is the interface the distributed
 runtime drives; ``tensor_digest`` is the one output digest.
 """
 
-from .backend import GeneratorBackend, Stage0Backend, ToyStage0
-from .digest import derive_seed, tensor_digest
-from .scheduler import (
+from ppstage.model.backend import GeneratorBackend, Stage0Backend, ToyStage0
+from ppstage.model.digest import derive_seed, tensor_digest
+from ppstage.model.scheduler import (
     RECOMPUTE_TIMESTEP,
     FlowMatchScheduler,
     denoise_chunk,
@@ -15,9 +15,9 @@ from .scheduler import (
     latent_shape,
     step_noise,
 )
-from .stage import GeneratorStage, StageInputError
-from .text import ToyTextEncoder
-from .vae import ToyVAE
+from ppstage.model.stage import GeneratorStage, StageInputError
+from ppstage.model.text import ToyTextEncoder
+from ppstage.model.vae import ToyVAE
 
 __all__ = [
     "RECOMPUTE_TIMESTEP",

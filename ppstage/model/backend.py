@@ -13,10 +13,10 @@ from typing import Literal, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from ..config import ModelConfig
-from ..lifecycle import CacheLifecycle, ChunkWindow, LifecyclePlan, LifecycleState
-from .text import ToyTextEncoder
-from .vae import ToyVAE
+from ppstage.config import ModelConfig
+from ppstage.core.lifecycle import CacheLifecycle, ChunkWindow, LifecyclePlan, LifecycleState
+from ppstage.model.text import ToyTextEncoder
+from ppstage.model.vae import ToyVAE
 
 
 @runtime_checkable

@@ -15,7 +15,7 @@ import torch
 
 # One definition of the output digest for everyone (it lives with the wire
 # helpers because it must read device tensors too); re-exported here.
-from ..transport._tensors import tensor_digest  # noqa: F401
+from ppstage.distributed.transport._tensors import tensor_digest  # noqa: F401
 
 
 def derive_seed(*parts: object) -> int:

@@ -20,8 +20,8 @@ from typing import Protocol
 
 from torch import Tensor
 
-from ..config import PPStageConfig
-from .digest import seeded_randn
+from ppstage.config import PPStageConfig
+from ppstage.model.digest import seeded_randn
 
 RECOMPUTE_TIMESTEP = 0.0
 """The recompute call sees clean context frames: timestep 0."""

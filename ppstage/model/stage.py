@@ -16,8 +16,8 @@ from torch import Tensor
 
 from protocol import ProtocolError, digest_bytes
 
-from ..config import PPStageConfig
-from ..lifecycle import (
+from ppstage.config import PPStageConfig
+from ppstage.core.lifecycle import (
     CacheGeometry,
     CacheLifecycle,
     CallKind,
@@ -25,7 +25,7 @@ from ..lifecycle import (
     LifecyclePlan,
     LifecycleState,
 )
-from .generator import Block, Head, LayerCache, PatchEmbed, RotaryTable, TimeEmbedding
+from ppstage.model.transformer import Block, Head, LayerCache, PatchEmbed, RotaryTable, TimeEmbedding
 
 
 class StageInputError(ProtocolError):

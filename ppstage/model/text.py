@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig
-from .digest import seeded_randn
+from ppstage.config import ModelConfig
+from ppstage.model.digest import seeded_randn
 
 PAD = "<pad>"
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import ModelConfig
-from .digest import seeded_generator
+from ppstage.config import ModelConfig
+from ppstage.model.digest import seeded_generator
 
 
 class ToyVAE:

@@ -6,9 +6,9 @@ import torch
 
 from protocol import ChunkResult, InferEnvelope, StageHop, StageReport
 
-from ..plan import ChunkPlan
-from ..stream_inputs import ChunkInputs
-from ..transport import make_spec
+from ppstage.core.plan import ChunkPlan
+from ppstage.model.stream_inputs import ChunkInputs
+from ppstage.distributed.transport import make_spec
 
 
 def infer_envelope(plan: ChunkPlan, inputs: ChunkInputs) -> tuple[InferEnvelope, list[torch.Tensor]]:

@@ -26,9 +26,9 @@ from protocol import (
     parse_header,
 )
 
-from ..errors import StateDivergence
-from ..topology import MeshComm
-from ..transport import prepare_tensors, rebuild
+from ppstage.errors import StateDivergence
+from ppstage.distributed.topology import MeshComm
+from ppstage.distributed.transport import prepare_tensors, rebuild
 
 
 class MeshRelay:

@@ -37,23 +37,23 @@ from protocol import (
     action_of,
 )
 
-from ..config import PPStageConfig
-from ..errors import StateDivergence, WatchdogExpired
-from ..faults import fault_from_env
-from ..gate import EpochGate
-from ..lifecycle import CacheLifecycle
-from ..logs import ids_of
-from ..model.digest import tensor_digest
-from ..model.stage import cache_geometry
-from ..plan import ChunkPlan
-from ..planner import Intent, Planner
-from ..reference import StreamScript
-from ..stream_inputs import StaleInputs, StreamInputs
-from ..topology import Role
-from ..transport import Transport
-from .envelopes import infer_envelope
-from .metrics import ChunkEvents, RunSummary, summarize
-from .watchdog import ResultDeadline
+from ppstage.config import PPStageConfig
+from ppstage.errors import StateDivergence, WatchdogExpired
+from ppstage.faults.drills import fault_from_env
+from ppstage.core.gate import EpochGate
+from ppstage.core.lifecycle import CacheLifecycle
+from ppstage.observability.logs import ids_of
+from ppstage.model.digest import tensor_digest
+from ppstage.model.stage import cache_geometry
+from ppstage.core.plan import ChunkPlan
+from ppstage.core.planner import Intent, Planner
+from ppstage.model.reference import StreamScript
+from ppstage.model.stream_inputs import StaleInputs, StreamInputs
+from ppstage.distributed.topology import Role
+from ppstage.distributed.transport import Transport
+from ppstage.stages.envelopes import infer_envelope
+from ppstage.observability.metrics import ChunkEvents, RunSummary, summarize
+from ppstage.stages.deadlines import ResultDeadline
 
 log = structlog.get_logger("ppstage.stage0")
 

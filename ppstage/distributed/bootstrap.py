@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from ..config import PPStageConfig
+from ppstage.config import PPStageConfig
 
 
 def init_process_group(

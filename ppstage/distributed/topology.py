@@ -33,7 +33,7 @@ import msgspec
 
 from protocol import ProtocolError
 
-from .config import ConfigError, PPStageConfig
+from ppstage.config import ConfigError, PPStageConfig
 
 if TYPE_CHECKING:  # torch stays out of import time for pure-logic users
     import torch

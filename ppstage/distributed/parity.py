@@ -31,10 +31,10 @@ from protocol import (
     encode_frame_bytes,
 )
 
-from . import __version__
-from .config import PPStageConfig
-from .errors import ChannelDead, ParityError
-from .topology import ProcessGroups, Role
+from ppstage import __version__
+from ppstage.config import PPStageConfig
+from ppstage.errors import ChannelDead, ParityError
+from ppstage.distributed.topology import ProcessGroups, Role
 
 __all__ = ["compare_settings", "environment_settings", "parity_handshake", "parity_settings"]
 

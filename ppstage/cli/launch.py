@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import non_negative_int, positive_int
+from ppstage.cli.args import non_negative_int, positive_int
 
 HELP = "run this process's rank of the pipeline (reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
 
@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def script_from_args(args: argparse.Namespace):
-    from ..reference import DEFAULT_PROMPT, StreamScript
-    from .plan import parse_prompt_at
+    from ppstage.model.reference import DEFAULT_PROMPT, StreamScript
+    from ppstage.cli.plan import parse_prompt_at
 
     return StreamScript(
         prompt=args.prompt or DEFAULT_PROMPT,
@@ -49,9 +49,9 @@ def _pauses(values: list[str]) -> dict[int, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError, PPStageConfig
-    from ..quality import QualityError, check_quality_report
-    from ..runtime import RankOptions, exit_process, run_rank
+    from ppstage.config import ConfigError, PPStageConfig
+    from ppstage.model.quality import QualityError, check_quality_report
+    from ppstage.stages.process import RankOptions, exit_process, run_rank
 
     try:
         config = PPStageConfig.from_toml(args.config)

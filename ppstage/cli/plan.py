@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import non_negative_int, positive_int
+from ppstage.cli.args import non_negative_int, positive_int
 
 HELP = "print the lifecycle plan of a scripted stream (no model, no processes)"
 
@@ -29,8 +29,8 @@ def parse_prompt_at(values: list[str]) -> dict[int, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import PPStageConfig
-    from ..planner import HardCut, Planner, PromptUpdate, StreamStart
+    from ppstage.config import PPStageConfig
+    from ppstage.core.planner import HardCut, Planner, PromptUpdate, StreamStart
 
     cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
     cfg = cfg.with_overrides({"recompute.mode": args.mode})

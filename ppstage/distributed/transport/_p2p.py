@@ -34,10 +34,10 @@ from protocol import (
     validate,
 )
 
-from ..config import PPStageConfig
-from ..errors import ChannelDead
-from ..topology import ProcessGroups, Role
-from ._tensors import make_spec, prepare_tensors, rebuild
+from ppstage.config import PPStageConfig
+from ppstage.errors import ChannelDead
+from ppstage.distributed.topology import ProcessGroups, Role
+from ppstage.distributed.transport._tensors import make_spec, prepare_tensors, rebuild
 
 # After either of these goes out or comes in, the stream is ending by protocol:
 # peers are about to exit, so an idle link closing is expected, not fatal.
@@ -159,7 +159,7 @@ class Transport:
         self._dead: set[int] = set()  # destinations whose channel is poisoned
         self._closed = False
         self._ending = False  # a terminal action went out or came in
-        self._log = structlog.get_logger("ppstage.transport").bind(rank=role.rank, stage=role.stage)
+        self._log = structlog.get_logger("ppstage.distributed.transport").bind(rank=role.rank, stage=role.stage)
         self._sender = threading.Thread(
             target=self._send_loop, name=f"ppstage-send-r{role.rank}", daemon=True
         )

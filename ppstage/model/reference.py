@@ -21,13 +21,13 @@ import msgspec
 import torch
 from torch import Tensor
 
-from .config import PPStageConfig
-from .errors import StateDivergence
-from .model.digest import tensor_digest
-from .model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_chunk
-from .model.stage import GeneratorStage
-from .plan import ChunkPlan
-from .planner import (
+from ppstage.config import PPStageConfig
+from ppstage.errors import StateDivergence
+from ppstage.model.digest import tensor_digest
+from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_chunk
+from ppstage.model.stage import GeneratorStage
+from ppstage.core.plan import ChunkPlan
+from ppstage.core.planner import (
     AttentionBiasChange,
     HardCut,
     Intent,
@@ -35,7 +35,7 @@ from .planner import (
     PromptUpdate,
     StreamStart,
 )
-from .stream_inputs import ChunkInputs, StreamInputs
+from ppstage.model.stream_inputs import ChunkInputs, StreamInputs
 
 DEFAULT_PROMPT = "a red fox running through snow"
 

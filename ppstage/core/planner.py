@@ -16,8 +16,8 @@ import msgspec
 
 from protocol import ProtocolError
 
-from .config import PPStageConfig
-from .plan import ChunkPlan
+from ppstage.config import PPStageConfig
+from ppstage.core.plan import ChunkPlan
 
 
 class HardCut(msgspec.Struct, frozen=True, tag="hard_cut"):

@@ -7,7 +7,7 @@ import signal
 import sys
 import tempfile
 
-from . import non_negative_int, positive_int
+from ppstage.cli.args import non_negative_int, positive_int
 
 TP_TOLERANCE = 1e-4
 HELP = "run a local pipeline (rank 0 + generator stages, gloo) and check every chunk against the reference"
@@ -33,12 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError, PPStageConfig
-    from ..demo import check_digests, format_summary
-    from ..launcher import start_pipeline
-    from ..quality import QualityError, check_quality_report
-    from ..reference import run_reference
-    from .launch import script_from_args
+    from ppstage.config import ConfigError, PPStageConfig
+    from ppstage.observability.report import check_digests, format_summary
+    from ppstage.stages.launcher import start_pipeline
+    from ppstage.model.quality import QualityError, check_quality_report
+    from ppstage.model.reference import run_reference
+    from ppstage.cli.launch import script_from_args
 
     try:
         cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()

@@ -1,4 +1,4 @@
-"""Subcommands of the ``ppstage`` console script (see ``ppstage/cli.py``)."""
+"""Argument types shared by the subcommands of the ``ppstage`` console script."""
 
 import argparse
 from typing import Callable

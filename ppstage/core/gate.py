@@ -18,7 +18,7 @@ import msgspec
 
 from protocol import ChunkResult
 
-from .errors import (
+from ppstage.errors import (
     CallCountMismatch,
     FutureResult,
     GateError,
@@ -26,7 +26,7 @@ from .errors import (
     OutOfOrderResult,
     RemoteStageError,
 )
-from .plan import ChunkPlan
+from ppstage.core.plan import ChunkPlan
 
 DropReason = Literal["stale_epoch", "duplicate"]
 

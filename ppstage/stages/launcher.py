@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 
-from .config import PPStageConfig
+from ppstage.config import PPStageConfig
 
 
 def free_port() -> int:

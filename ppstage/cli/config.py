@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import positive_int
+from ppstage.cli.args import positive_int
 
 HELP = "print a complete TOML config, e.g. `ppstage config --stages 4 > pipeline.toml` for ppstage launch"
 
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError, PPStageConfig
+    from ppstage.config import ConfigError, PPStageConfig
 
     keys = {"stages": "topology.stages", "tp": "topology.tp", "mode": "recompute.mode", "backend": "topology.backend"}
     overrides = {key: getattr(args, name) for name, key in keys.items() if getattr(args, name) is not None}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import non_negative_int, positive_int
+from ppstage.cli.args import non_negative_int, positive_int
 
 HELP = "run the single-process reference model (R1/R0a/R0); write digests JSON and a contact sheet"
 
@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def script_from_args(args: argparse.Namespace):  # -> StreamScript
-    from ..reference import DEFAULT_PROMPT, StreamScript
-    from .plan import parse_prompt_at
+    from ppstage.model.reference import DEFAULT_PROMPT, StreamScript
+    from ppstage.cli.plan import parse_prompt_at
 
     return StreamScript(
         prompt=args.prompt or DEFAULT_PROMPT,
@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..config import PPStageConfig
-    from ..reference import contact_sheet, median_model_ms, run_reference, write_png
+    from ppstage.config import PPStageConfig
+    from ppstage.model.reference import contact_sheet, median_model_ms, run_reference, write_png
 
     torch.set_num_threads(args.threads)
     cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()

@@ -33,17 +33,17 @@ from protocol import (
     action_of,
 )
 
-from ..config import PPStageConfig
-from ..errors import ChannelDead, WatchdogExpired
-from ..faults import fault_from_env, out_of_band_reset
-from ..logs import ids_of
-from ..model.digest import tensor_digest
-from ..model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step
-from ..model.stage import GeneratorStage
-from ..topology import MeshComm, Role
-from ..transport import Inbound, Transport
-from .envelopes import error_result, hop, ok_result
-from .mesh import MeshRelay
+from ppstage.config import PPStageConfig
+from ppstage.errors import ChannelDead, WatchdogExpired
+from ppstage.faults.drills import fault_from_env, out_of_band_reset
+from ppstage.observability.logs import ids_of
+from ppstage.model.digest import tensor_digest
+from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step
+from ppstage.model.stage import GeneratorStage
+from ppstage.distributed.topology import MeshComm, Role
+from ppstage.distributed.transport import Inbound, Transport
+from ppstage.stages.envelopes import error_result, hop, ok_result
+from ppstage.stages.mesh import MeshRelay
 
 log = structlog.get_logger("ppstage.stage")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import non_negative_int, positive_int
+from ppstage.cli.args import non_negative_int, positive_int
 
 HELP = "compare decoded frames of two recompute modes (PSNR, max abs diff); PASS/FAIL report"
 
@@ -29,9 +29,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..config import PPStageConfig
-    from ..quality import DEFAULT_THRESHOLD_DB, format_table, run_quality, write_report
-    from .reference import script_from_args
+    from ppstage.config import PPStageConfig
+    from ppstage.model.quality import DEFAULT_THRESHOLD_DB, format_table, run_quality, write_report
+    from ppstage.cli.reference import script_from_args
 
     torch.set_num_threads(args.threads)
     cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()

@@ -25,7 +25,7 @@ Neither tags nor receive-from-any-source are used (NCCL honours neither), and
 ``batch_isend_irecv`` is avoided (it hangs on gloo).
 
 Mesh collectives are not issued by these threads: the stage code issues them
-from its own worker thread through ``ppstage.topology.MeshComm``.
+from its own worker thread through ``ppstage.distributed.topology.MeshComm``.
 
 Failure model
 -------------
@@ -56,9 +56,9 @@ Failure model
   watchdog: keep ``NOOP`` keepalives flowing on every link, or a large timeout.
 """
 
-from ._bootstrap import init_process_group
-from ._p2p import IDLE_WAIT, TERMINAL_ACTIONS, Inbound, Transport
-from ._tensors import (
+from ppstage.distributed.bootstrap import init_process_group
+from ppstage.distributed.transport._p2p import IDLE_WAIT, TERMINAL_ACTIONS, Inbound, Transport
+from ppstage.distributed.transport._tensors import (
     TORCH_DTYPE,
     WIRE_DTYPE,
     byte_view,

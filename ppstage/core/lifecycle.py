@@ -24,7 +24,7 @@ import msgspec
 
 from protocol import canonical_bytes, digest_bytes
 
-from .errors import CallCountMismatch, IllegalTransition
+from ppstage.errors import CallCountMismatch, IllegalTransition
 
 
 class LifecyclePlan(Protocol):

@@ -28,10 +28,10 @@ from torch import Tensor
 
 from protocol import ProtocolError
 
-from .config import PPStageConfig
-from .model.backend import Stage0Backend, ToyStage0
-from .model.scheduler import initial_latents, latent_shape
-from .plan import ChunkPlan
+from ppstage.config import PPStageConfig
+from ppstage.model.backend import Stage0Backend, ToyStage0
+from ppstage.model.scheduler import initial_latents, latent_shape
+from ppstage.core.plan import ChunkPlan
 
 
 class StreamInputError(ProtocolError):

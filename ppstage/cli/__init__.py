@@ -1,6 +1,6 @@
 """The ``ppstage`` console script.
 
-Each subcommand lives in ``ppstage/commands/<name>.py`` and exposes
+Each subcommand lives in ``ppstage/cli/<name>.py`` and exposes
 ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``. Command modules
 import heavy dependencies (torch, the model) inside ``run`` so ``--help``
 stays fast.
@@ -20,9 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"ppstage.commands.{name}")
+            module = importlib.import_module(f"ppstage.cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"ppstage.commands.{name}":
+            if exc.name == f"ppstage.cli.{name}":
                 continue  # command not built yet
             raise
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)

@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.protocol_bench import format_report, run_protocol_bench
+    from ppstage.bench.protocol_bench import format_report, run_protocol_bench
 
     if args.iterations < 1 or args.repeats < 1:
         raise SystemExit("--iterations and --repeats must be >= 1")

@@ -24,10 +24,10 @@ import structlog
 
 from protocol import ProtocolError
 
-from . import logs
-from .config import PPStageConfig
-from .errors import ParityError
-from .reference import StreamScript
+from ppstage.observability import logs
+from ppstage.config import PPStageConfig
+from ppstage.errors import ParityError
+from ppstage.model.reference import StreamScript
 
 EXIT_FAILED, EXIT_PARITY = 1, 2  # 0 after an orderly SHUTDOWN
 FATAL_GRACE_S = 5.0  # time an actor gets to report and stop after its channel failed
@@ -54,14 +54,14 @@ def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
     """Run this rank to completion and return its exit code (does not exit)."""
     import torch
 
-    from .parity import parity_handshake
-    from .topology import build_groups, role_for
-    from .transport import init_process_group
+    from ppstage.distributed.parity import parity_handshake
+    from ppstage.distributed.topology import build_groups, role_for
+    from ppstage.distributed.transport import init_process_group
 
     torch.set_num_threads(1)
     role = role_for(config, opts.rank)
     logs.configure(rank=opts.rank, stage=role.stage, json=opts.json_logs, level=opts.log_level)
-    log = structlog.get_logger("ppstage.runtime")
+    log = structlog.get_logger("ppstage.stages.process")
     init_process_group(config, opts.rank, opts.world_size, opts.master_addr, opts.master_port)
     try:
         parity_handshake(config, role, None, {})
@@ -87,10 +87,10 @@ def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
 
 
 async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
-    from .stages.generator import StageLeader
-    from .stages.stage0 import Stage0Actor
-    from .topology import MeshComm
-    from .transport import Transport
+    from ppstage.stages.leader import StageLeader
+    from ppstage.stages.stage0 import Stage0Actor
+    from ppstage.distributed.topology import MeshComm
+    from ppstage.distributed.transport import Transport
 
     loop = asyncio.get_running_loop()
     fatal: asyncio.Future = loop.create_future()
@@ -155,8 +155,8 @@ def _hard_exit(log, exc: ProtocolError) -> None:
 
 def _run_follower(config, role, groups, log) -> int:
     """Non-leader mesh rank: the worker thread follows broadcasts; this thread watches it."""
-    from .stages.generator import MeshFollower
-    from .topology import MeshComm
+    from ppstage.stages.leader import MeshFollower
+    from ppstage.distributed.topology import MeshComm
 
     follower = MeshFollower(config, role, MeshComm(role, groups))
     result: list[int] = []

@@ -19,8 +19,8 @@ import torch
 
 from protocol import digest_bytes
 
-from .config import ConfigError, PPStageConfig, RecomputeMode
-from .reference import ChunkRecord, StreamScript, run_reference
+from ppstage.config import ConfigError, PPStageConfig, RecomputeMode
+from ppstage.model.reference import ChunkRecord, StreamScript, run_reference
 
 DEFAULT_THRESHOLD_DB = 35.0
 REPORT_VERSION = 1

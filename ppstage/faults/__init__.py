@@ -1,0 +1,1 @@
+"""Fault drills: deliberate, parity-checked faults for the break-it suite (SPEC §11)."""

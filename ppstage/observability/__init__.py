@@ -1,0 +1,1 @@
+"""Logs, per-chunk metrics and the run report."""
