@@ -41,22 +41,29 @@ def float_above(minimum: float, *, inclusive: bool = False) -> Callable[[str], f
 def keyed(name: str, value_type: Callable[[str], object]) -> Callable[[str], str]:
     """An argparse type for ``K:VALUE`` flags (chunk index, colon, value); returns the text unchanged."""
 
-    def parse(text: str) -> str:
-        k, sep, rest = text.partition(":")
+    def parse(arg: str) -> str:
+        k, sep, rest = arg.partition(":")
         if not sep or not k.isdigit() or not rest:
-            raise argparse.ArgumentTypeError(f"expected K:{name}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected K:{name}, got {arg!r}")
         try:
             value_type(rest)
         except (ValueError, argparse.ArgumentTypeError):
-            raise argparse.ArgumentTypeError(f"expected K:{name}, got {text!r}") from None
-        return text
+            raise argparse.ArgumentTypeError(f"expected K:{name}, got {arg!r}") from None
+        return arg
 
     return parse
+
+
+def text(value: str) -> str:
+    """An argparse type: text that is not blank (a prompt)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be blank")
+    return value
 
 
 positive_int = int_at_least(1)  # counts (--chunks)
 non_negative_int = int_at_least(0)  # chunk indices (--cut-at)
 positive_float = float_above(0.0)  # durations (--timeout)
 non_negative_float = float_above(0.0, inclusive=True)  # simulated costs
-prompt_at = keyed("TEXT", str)  # --prompt-at K:TEXT
+prompt_at = keyed("TEXT", text)  # --prompt-at K:TEXT
 pause_at = keyed("SECONDS", non_negative_float)  # --pause-at K:SECONDS
