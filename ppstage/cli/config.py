@@ -25,5 +25,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {key: getattr(args, name) for name, key in keys.items() if getattr(args, name) is not None}
     cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
     cfg = cfg.with_overrides(overrides)  # a ConfigError ends at the CLI boundary (exit 2)
+    from ppstage.model.loader import load_backend
+
+    load_backend(cfg)  # print only a config every rank can run
     sys.stdout.write(cfg.to_toml())
     return 0

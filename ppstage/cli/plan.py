@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
     cfg = cfg.with_overrides({"recompute.mode": args.mode})
+    from ppstage.model.loader import load_backend
+
+    load_backend(cfg)  # no model runs here, but a config naming an unknown backend is still refused
     prompts = parse_prompt_at(args.prompt_at)
     planner = Planner(cfg)
     planner.submit(StreamStart(args.prompt))
