@@ -39,14 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ppstage.config import PPStageConfig
+
+    # User errors (config, backend, R0 gate) raise ConfigError: exit 2 at the CLI boundary.
+    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()  # before torch: fast
     from ppstage.cli.launch import script_from_args
     from ppstage.cli.output import is_terminal
     from ppstage.model.loader import load_backend
     from ppstage.model.quality import check_quality_report
     from ppstage.stages.launcher import start_pipeline
 
-    # User errors (config, backend, R0 gate) raise ConfigError: exit 2 at the CLI boundary.
-    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
     overrides: dict[str, object] = {"topology.stages": args.stages, "topology.tp": args.tp}
     if args.mode:
         overrides["recompute.mode"] = args.mode

@@ -60,15 +60,16 @@ def torchrun_rank() -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from ppstage.config import PPStageConfig
+
+    # Every check here runs before any collective, so a bad config or
+    # environment ends every rank the same way (exit 2, one line, no hang).
+    config = PPStageConfig.from_toml(args.config)  # before importing torch: a bad file fails fast
     from ppstage.model.loader import load_backend
     from ppstage.model.quality import check_quality_report
     from ppstage.stages.process import RankOptions, exit_process, run_rank
 
-    # Every check here runs before any collective, so a bad config or
-    # environment ends every rank the same way (exit 2, one line, no hang).
-    config = PPStageConfig.from_toml(args.config)
-    rank, world = torchrun_rank()
     load_backend(config)  # an unknown [model] backend fails here, not in the first collective
+    rank, world = torchrun_rank()
     if config.recompute.mode == "r0":
         # The R0 rollout gate (the report path must exist on every node).
         check_quality_report(config)

@@ -27,15 +27,16 @@ def run(args: argparse.Namespace) -> int:
     """Exit status 0 on PASS, 1 on FAIL (a gate a script can use)."""
     from pathlib import Path
 
-    import torch
-
     from ppstage.config import PPStageConfig
     from ppstage.cli.output import console, is_terminal, table
-    from ppstage.model.quality import DEFAULT_THRESHOLD_DB, format_table, run_quality, write_report
     from ppstage.cli.reference import script_from_args
 
+    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()  # before torch: fast errors
+    import torch
+
+    from ppstage.model.quality import DEFAULT_THRESHOLD_DB, format_table, run_quality, write_report
+
     torch.set_num_threads(args.threads)
-    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
     report = run_quality(
         cfg,
         baseline=args.baseline,

@@ -35,14 +35,15 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    import torch
-
     from ppstage.config import PPStageConfig
     from ppstage.cli.output import console, is_terminal, table
+
+    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()  # before torch: fast errors
+    import torch
+
     from ppstage.model.reference import contact_sheet, median_model_ms, run_reference, write_png
 
     torch.set_num_threads(args.threads)
-    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
     if args.mode:
         cfg = cfg.with_overrides({"recompute.mode": args.mode})
     records = run_reference(cfg, args.chunks, script_from_args(args))
