@@ -20,7 +20,7 @@ from ppstage.cli import COMMANDS, main
 from ppstage.config import PPStageConfig
 from protocol import ProtocolError
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 
 # name -> (TOML text or None for a missing file, a word the one-line message must contain)
 BAD_CONFIGS = {
@@ -65,11 +65,11 @@ BAD_FLAGS = [
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def ppstage(args: list[str], cwd, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def ppstage(args: list[str], cwd, env: dict[str, str] | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
     return subprocess.run(
         [sys.executable, "-m", "ppstage.cli", *args], cwd=cwd, env={**base, **(env or {})},
-        capture_output=True, text=True, timeout=90,
+        capture_output=True, text=True, timeout=timeout,
     )
 
 
@@ -138,8 +138,8 @@ def test_a_demo_run_that_fails_reports_it_and_exits_1(tmp_path):
     # A tampered envelope (break-it B5): the run starts, the receiving leader refuses it.
     fault = json.dumps({"kind": "tamper_envelope", "chunk_index": 1})
     out = tmp_path / "run"
-    proc = ppstage(["demo", "--chunks", "4", "--quiet", "--out", str(out), "--timeout", "60"], tmp_path,
-                   env={"PPSTAGE_FAULT": fault})
+    proc = ppstage(["demo", "--chunks", "4", "--quiet", "--out", str(out), "--timeout", "150"], tmp_path,
+                   env={"PPSTAGE_FAULT": fault}, timeout=200)
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAILED" in proc.stderr and "DigestMismatch" in proc.stderr

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ppstage.cli.args import non_negative_float, non_negative_int, positive_float, positive_int, prompt_at
+from ppstage.cli.args import non_negative_float, non_negative_int, positive_float, positive_int, prompt_at, text
 
 TP_TOLERANCE = 1e-4
 HELP = "run a local pipeline (rank 0 + generator stages, gloo) and check every chunk against the reference"
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree M inside each stage")
     p.add_argument("--chunks", type=positive_int, default=12)
     p.add_argument("--mode", choices=("r1", "r0a", "r0"), default=None, help="recompute mode (default: config's, r0a)")
-    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt", type=text, default=None)
     p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
     p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--config", default=None, help="TOML config file")

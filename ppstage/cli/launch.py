@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ppstage.cli.args import non_negative_int, pause_at, positive_int, prompt_at
+from ppstage.cli.args import non_negative_int, pause_at, positive_int, prompt_at, text
 
 HELP = "run this process's rank of the pipeline (reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -14,7 +14,7 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="TOML config file (identical on every rank)")
     p.add_argument("--chunks", type=positive_int, default=12, help="chunks rank 0 plans before shutting down")
-    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt", type=text, default=None)
     p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
     p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--summary-out", default=None, help="rank 0 writes its run summary (JSON) here")
