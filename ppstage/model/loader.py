@@ -50,7 +50,7 @@ def toy_backend() -> ModelBackend:
 def load_backend(config: PPStageConfig) -> ModelBackend:
     """Resolve ``config.model.backend``; ``ConfigError`` naming ``model.backend`` if it cannot."""
     name = config.model.backend
-    factory = _toy_factory() if name == TOY else _find(name)
+    factory = toy_backend if name == TOY else _find(name)
     try:
         backend = factory()
     except Exception as exc:  # the plugin's own failure, reported as a config problem
@@ -77,10 +77,6 @@ def build_generator(
 def build_stage0(config: PPStageConfig) -> Stage0Backend:
     """Rank 0's models from the configured backend."""
     return load_backend(config).stage0(config)
-
-
-def _toy_factory() -> Callable[[], ModelBackend]:
-    return toy_backend
 
 
 def _find(name: str) -> Callable[[], object]:
