@@ -38,8 +38,13 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     vae_scale: int = 8
     seed: int = 0
     rope_max_frames: int = 1024
+    # "toy" (the embedded model), an entry point of group ``ppstage.backends``,
+    # or "package.module:factory" (ppstage/model/loader.py, docs/models.md).
+    backend: str = "toy"
 
     def __post_init__(self) -> None:
+        if not self.backend.strip() or self.backend.count(":") > 1 or self.backend.strip(":") != self.backend:
+            raise ConfigError(f"model.backend = {self.backend!r}: expected a name or 'package.module:factory'")
         if self.latent_height % self.patch_size or self.latent_width % self.patch_size:
             raise ConfigError("latent height and width must be multiples of patch_size")
         if self.dim % self.heads or (self.dim // self.heads) % 2:

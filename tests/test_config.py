@@ -172,6 +172,7 @@ ALTERNATIVE = {
     "model.vae_scale": 4,
     "model.seed": 1,
     "model.rope_max_frames": 512,
+    "model.backend": "tiny",
     "cache.window_frames": 7,
     "cache.sink_frames": 0,
     "cache.chunk_frames": 2,

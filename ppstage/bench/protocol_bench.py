@@ -381,8 +381,9 @@ def run_protocol_bench(iterations: int = 20_000, repeats: int = 7) -> ProtocolBe
     )
 
 
-def format_report(r: ProtocolBenchResult) -> str:
-    rows = [
+def report_rows(r: ProtocolBenchResult) -> list[tuple[str, str]]:
+    """``(measure, figure)`` rows of a result (plain text or a terminal table)."""
+    return [
         ("msgspec  encode_frame", f"{r.encode_us:8.2f} us"),
         ("msgspec  parse_header + decode_metadata", f"{r.decode_us:8.2f} us"),
         ("msgspec  validate(msg, geometry)", f"{r.validate_us:8.2f} us"),
@@ -391,14 +392,22 @@ def format_report(r: ProtocolBenchResult) -> str:
         ("ratio    (b) / (a)", f"{r.ratio:8.2f} x"),
         ("metadata bytes  msgspec / pickle", f"{r.msgspec_meta_bytes} / {r.pickle_meta_bytes}"),
     ]
+
+
+def report_heading(r: ProtocolBenchResult) -> str:
+    return (
+        "protocol round trip: InferEnvelope, 4 tensor specs, recompute over 3 context frames\n"
+        f"(metadata only; best of {r.repeats} runs of {r.iterations} round trips)"
+    )
+
+
+def report_verdict(r: ProtocolBenchResult) -> str:
+    return (f"target: <= {TARGET_US:g} us and >= {TARGET_RATIO:g}x faster than pickle: "
+            + ("PASS" if r.passed else "FAIL"))
+
+
+def format_report(r: ProtocolBenchResult) -> str:
+    rows = report_rows(r)
     width = max(len(k) for k, _ in rows)
-    lines = [
-        "protocol round trip: InferEnvelope, 4 tensor specs, recompute over 3 context frames",
-        f"(metadata only; best of {r.repeats} runs of {r.iterations} round trips)",
-        "",
-        *(f"{k:<{width}}  {v}" for k, v in rows),
-        "",
-        f"target: <= {TARGET_US:g} us and >= {TARGET_RATIO:g}x faster than pickle: "
-        + ("PASS" if r.passed else "FAIL"),
-    ]
+    lines = [report_heading(r), "", *(f"{k:<{width}}  {v}" for k, v in rows), "", report_verdict(r)]
     return "\n".join(lines)

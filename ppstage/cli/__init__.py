@@ -4,6 +4,11 @@ Each subcommand lives in ``ppstage/cli/<name>.py`` and exposes
 ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``. Command modules
 import heavy dependencies (torch, the model) inside ``run`` so ``--help``
 stays fast.
+
+``main`` is the one error boundary: a bad flag (argparse), a bad or missing
+config or any typed ppstage / protocol error ends as one line on stderr and
+exit status 2 (``EXIT_USAGE``), or 1 (``EXIT_FAILED``) for a run that started
+and failed with a typed runtime error. A traceback means a bug.
 """
 
 from __future__ import annotations
@@ -13,6 +18,21 @@ import importlib
 import sys
 
 COMMANDS = ("demo", "launch", "config", "plan", "reference", "quality", "bench")
+EXIT_FAILED, EXIT_USAGE = 1, 2  # argparse exits 2 on a usage error too
+
+
+def _error_classes() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(user errors -> exit 2, typed runtime errors -> exit 1); light imports only."""
+    from protocol import ProtocolError
+
+    from ppstage import errors
+    from ppstage.config import ConfigError
+
+    usage: tuple[type[BaseException], ...] = (ConfigError, OSError)
+    # The runtime's error roots: ``ProtocolError`` (wire) and, where it exists,
+    # ``ppstage.errors.PPStageError`` (everything else the runtime raises).
+    runtime = tuple(c for c in (ProtocolError, getattr(errors, "PPStageError", None)) if c is not None)
+    return usage, runtime
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    args = build_parser().parse_args(argv)  # a usage error exits 2 here, with one line
+    usage, runtime = _error_classes()
+    try:
+        return int(args._run(args) or 0)
+    except usage as exc:
+        return _fail(args.command, exc, EXIT_USAGE)
+    except runtime as exc:
+        return _fail(args.command, exc, EXIT_FAILED)
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted", 130)
+
+
+def _fail(command: str, problem: object, code: int) -> int:
+    text = str(problem) if isinstance(problem, (str, OSError)) else _describe(problem)
+    print(f"ppstage {command}: {' '.join(text.split())}", file=sys.stderr)  # one line
+    return code
+
+
+def _describe(exc: object) -> str:
+    from ppstage.config import ConfigError
+
+    # A config error's text already says what it is; a runtime error is named by its type.
+    return str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":

@@ -19,15 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppstage.config import ConfigError, PPStageConfig
+    from ppstage.config import PPStageConfig
 
     keys = {"stages": "topology.stages", "tp": "topology.tp", "mode": "recompute.mode", "backend": "topology.backend"}
     overrides = {key: getattr(args, name) for name, key in keys.items() if getattr(args, name) is not None}
-    try:
-        cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
-        cfg = cfg.with_overrides(overrides)
-    except ConfigError as exc:
-        print(f"ppstage config: {exc}", file=sys.stderr)
-        return 2
+    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
+    cfg = cfg.with_overrides(overrides)  # a ConfigError ends at the CLI boundary (exit 2)
+    from ppstage.model.loader import load_backend
+
+    load_backend(cfg)  # print only a config every rank can run
     sys.stdout.write(cfg.to_toml())
     return 0

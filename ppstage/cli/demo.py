@@ -3,93 +3,141 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import tempfile
+from pathlib import Path
 
-from ppstage.cli.args import non_negative_int, positive_int
+from ppstage.cli.args import non_negative_float, non_negative_int, positive_float, positive_int, prompt_at, text
 
 TP_TOLERANCE = 1e-4
 HELP = "run a local pipeline (rank 0 + generator stages, gloo) and check every chunk against the reference"
+LOG_TAIL_LINES = 12
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stages", type=int, default=2, help="generator stages K")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree M inside each stage")
+    p.add_argument("--stages", type=positive_int, default=2, help="generator stages K")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree M inside each stage")
     p.add_argument("--chunks", type=positive_int, default=12)
     p.add_argument("--mode", choices=("r1", "r0a", "r0"), default=None, help="recompute mode (default: config's, r0a)")
-    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt", type=text, default=None)
     p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
-    p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
+    p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--config", default=None, help="TOML config file")
-    p.add_argument("--simulate-decode-ms", type=float, default=None, help="added stage-0 cost per decode")
-    p.add_argument("--simulate-call-ms", type=float, default=None, help="added cost per generator call")
+    p.add_argument("--simulate-decode-ms", type=non_negative_float, default=None, help="added stage-0 cost per decode")
+    p.add_argument("--simulate-call-ms", type=non_negative_float, default=None, help="added cost per generator call")
     p.add_argument("--r0-quality-report", default=None, help="passing `ppstage quality` report (required for r0)")
     p.add_argument("--out", default=None, help="directory for logs and the summary (default: a temp dir)")
-    p.add_argument("--no-check", action="store_true", help="skip the reference comparison")
+    p.add_argument("--no-check", action="store_true", help="skip the reference comparison (writes no latents)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="rank log level (debug: every commitment point); logs go to OUT/rank<r>.log")
-    p.add_argument("--timeout", type=float, default=600.0, help="give up (and kill every rank) after this")
+    p.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="stop the run (kill every rank) after this long; default: no limit")
+    p.add_argument("--quiet", action="store_true", help="no per-chunk progress (lines or live bar)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppstage.config import ConfigError, PPStageConfig
-    from ppstage.observability.report import check_digests, format_summary
-    from ppstage.stages.launcher import start_pipeline
-    from ppstage.model.quality import QualityError, check_quality_report
-    from ppstage.model.reference import run_reference
-    from ppstage.cli.launch import script_from_args
+    from ppstage.config import PPStageConfig
 
-    try:
-        cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
-        overrides: dict[str, object] = {"topology.stages": args.stages, "topology.tp": args.tp}
-        if args.mode:
-            overrides["recompute.mode"] = args.mode
-        if args.r0_quality_report:
-            overrides["recompute.r0_quality_report"] = args.r0_quality_report
-        if args.simulate_decode_ms is not None:
-            overrides["runtime.simulated_decode_ms"] = args.simulate_decode_ms
-        if args.simulate_call_ms is not None:
-            overrides["runtime.simulated_call_ms"] = args.simulate_call_ms
-        cfg = cfg.with_overrides(overrides)
-        if cfg.recompute.mode == "r0":
-            check_quality_report(cfg)  # the R0 rollout gate
-    except (ConfigError, QualityError) as exc:
-        print(f"ppstage demo: {exc}", file=sys.stderr)
-        return 2
+    # User errors (config, backend, R0 gate) raise ConfigError: exit 2 at the CLI boundary.
+    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()  # before torch: fast
+    from ppstage.cli.launch import script_from_args
+    from ppstage.cli.output import is_terminal
+    from ppstage.model.loader import load_backend
+    from ppstage.model.quality import check_quality_report
+    from ppstage.stages.launcher import start_pipeline
+
+    overrides: dict[str, object] = {"topology.stages": args.stages, "topology.tp": args.tp}
+    if args.mode:
+        overrides["recompute.mode"] = args.mode
+    if args.r0_quality_report:
+        overrides["recompute.r0_quality_report"] = args.r0_quality_report
+    if args.simulate_decode_ms is not None:
+        overrides["runtime.simulated_decode_ms"] = args.simulate_decode_ms
+    if args.simulate_call_ms is not None:
+        overrides["runtime.simulated_call_ms"] = args.simulate_call_ms
+    cfg = cfg.with_overrides(overrides)
+    load_backend(cfg)
+    if cfg.recompute.mode == "r0":
+        check_quality_report(cfg)  # the R0 rollout gate
     script = script_from_args(args)
-    out = args.out or tempfile.mkdtemp(prefix="ppstage-demo-")
+    out = Path(args.out or tempfile.mkdtemp(prefix="ppstage-demo-"))
     t = cfg.topology
+    live = is_terminal() and not args.quiet
     print(f"ppstage demo: rank 0 + {t.stages} stage(s) x tp {t.tp} = {t.world_size} processes, "
-          f"mode {cfg.recompute.mode}, {args.chunks} chunks, logs in {out}", flush=True)
+          f"mode {cfg.recompute.mode}, backend {cfg.model.backend}, {args.chunks} chunks, logs in {out}", flush=True)
     launch_args = ["--prompt", script.prompt, "--log-level", args.log_level]
+    if live or args.quiet:
+        launch_args.append("--quiet")  # rank 0's plain per-chunk lines only when not drawing a bar
     for k in args.cut_at:
         launch_args += ["--cut-at", str(k)]
     for v in args.prompt_at:
         launch_args += ["--prompt-at", v]
-    pipe = start_pipeline(cfg, out, chunks=args.chunks, launch_args=launch_args, passthrough_stdout=True)
+    # Latents go to disk only for the tensor-parallel tolerance check; tp == 1 compares digests.
+    write_latents = not args.no_check and t.tp > 1
+    pipe = start_pipeline(cfg, out, chunks=args.chunks, launch_args=launch_args,
+                          passthrough_stdout=True, write_latents=write_latents)
     previous = {s: signal.signal(s, lambda *_: pipe.signal_rank0(signal.SIGTERM)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        codes = pipe.wait(args.timeout)
+        with _progress(live, out / "chunks.jsonl", args.chunks, cfg.cache.chunk_frames) as tick:
+            codes = pipe.wait(args.timeout, on_tick=tick)
     finally:
         pipe.kill()
         for s, h in previous.items():
             signal.signal(s, h)
     result = pipe.summary()
-    if any(c != 0 for c in codes) or result is None:
-        print(f"\nppstage demo: FAILED, exit codes by rank {codes}", file=sys.stderr)
-        if result and result.get("error"):
-            print(f"  rank 0: {result['error']}", file=sys.stderr)
-        for r, c in enumerate(codes):
-            if c != 0:
-                print(f"--- rank {r} (exit {c}) log tail ---\n{pipe.log_tail(r)}", file=sys.stderr)
+    if pipe.timed_out or any(c != 0 for c in codes) or result is None:
+        _report_failure(pipe, codes, result, args.timeout)
         return 1
+    return _check_and_summarize(args, cfg, script, pipe, result)
+
+
+@contextlib.contextmanager
+def _progress(live: bool, stream: Path, chunks: int, frames_per_chunk: int):
+    if not live:
+        yield None
+        return
+    from ppstage.cli.progress import LiveProgress
+
+    with LiveProgress(stream, chunks, frames_per_chunk) as bar:
+        yield bar.tick
+
+
+def _report_failure(pipe, codes: list[int | None], result: dict | None, timeout: float | None) -> None:
+    err = sys.stderr
+    if pipe.timed_out:
+        done = len(pipe.chunk_records())
+        print(f"\nppstage demo: timed out after {timeout:g} s (--timeout) with {done} chunk(s) finished; "
+              f"killed every rank", file=err)
+    else:
+        print(f"\nppstage demo: FAILED, exit codes by rank {codes}", file=err)
+    if result and result.get("error"):
+        print(f"  rank 0: {result['error']}", file=err)
+    for r, c in enumerate(codes):
+        if c != 0 or pipe.timed_out:
+            state = "killed at the timeout" if c is None and pipe.timed_out else f"exit {c}"
+            tail = pipe.log_tail(r, LOG_TAIL_LINES) or "(no log lines)"
+            print(f"--- rank {r} ({state}) last log lines ---\n{tail}", file=err)
+
+
+def _check_and_summarize(args, cfg, script, pipe, result: dict) -> int:
+    from ppstage.cli.output import console, is_terminal, key_values
+    from ppstage.model.reference import run_reference
+    from ppstage.observability.report import check_digests, format_summary, summary_rows
+
+    t = cfg.topology
     check = None
     # Tensor parallel sums partial outputs in another order: equal within 1e-4, not bitwise.
     tol = 0.0 if t.tp == 1 else TP_TOLERANCE
     if not args.no_check:
         records = run_reference(cfg, args.chunks, script)
-        check = check_digests(result["events"], records, latents=pipe.latents, atol=tol)
-    print("\nsummary")
-    print(format_summary(result["summary"], check, stages=t.stages, tp=t.tp, mode=cfg.recompute.mode, tol=tol))
+        # Every finished chunk, from rank 0's chunk stream (its in-memory ledger keeps only a recent ring).
+        check = check_digests(pipe.chunk_records(), records, latents=pipe.latents, atol=tol)
+    shape = dict(stages=t.stages, tp=t.tp, mode=cfg.recompute.mode, tol=tol)
+    if is_terminal():
+        console().print(key_values("summary", summary_rows(result["summary"], check, **shape)))
+    else:
+        print("\nsummary")
+        print(format_summary(result["summary"], check, **shape))
     return 0 if check is None or check.ok else 1

@@ -5,20 +5,23 @@ from __future__ import annotations
 import argparse
 import os
 
-from ppstage.cli.args import non_negative_int, positive_int
+from ppstage.cli.args import non_negative_int, pause_at, positive_int, prompt_at, text
 
 HELP = "run this process's rank of the pipeline (reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="TOML config file (identical on every rank)")
     p.add_argument("--chunks", type=positive_int, default=12, help="chunks rank 0 plans before shutting down")
-    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt", type=text, default=None)
     p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
-    p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
+    p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--summary-out", default=None, help="rank 0 writes its run summary (JSON) here")
     p.add_argument("--latents-out", default=None, help="rank 0 writes each emitted chunk's latents_out here")
-    p.add_argument("--pause-at", action="append", default=[], metavar="K:SECONDS",
+    p.add_argument("--chunks-out", default=None,
+                   help="rank 0 appends one JSON line per chunk here once its outcome is final")
+    p.add_argument("--pause-at", type=pause_at, action="append", default=[], metavar="K:SECONDS",
                    help="rank 0 idles this long before planning chunk K (keepalives only)")
     p.add_argument("--json-logs", action="store_true")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
@@ -38,31 +41,38 @@ def script_from_args(args: argparse.Namespace):
 
 
 def _pauses(values: list[str]) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for v in values:
-        k, sep, secs = v.partition(":")
-        try:
-            out[int(k)] = float(secs)
-        except ValueError:
-            raise SystemExit(f"--pause-at expects K:SECONDS, got {v!r}") from None
-    return out
+    """``--pause-at`` values (checked by the argparse type) as ``{chunk: seconds}``."""
+    return {int(k): float(secs) for k, _, secs in (v.partition(":") for v in values)}
+
+
+def torchrun_rank() -> tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` from the torchrun environment, or a ``ConfigError`` naming what is missing."""
+    from ppstage.config import ConfigError
+
+    missing = [v for v in TORCHRUN_ENV if not os.environ.get(v)]
+    if missing:
+        raise ConfigError(f"not started by torchrun (or ppstage demo): {', '.join(missing)} not set")
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise ConfigError("RANK and WORLD_SIZE must be integers") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppstage.config import ConfigError, PPStageConfig
-    from ppstage.model.quality import QualityError, check_quality_report
+    from ppstage.config import PPStageConfig
+
+    # Every check here runs before any collective, so a bad config or
+    # environment ends every rank the same way (exit 2, one line, no hang).
+    config = PPStageConfig.from_toml(args.config)  # before importing torch: a bad file fails fast
+    from ppstage.model.loader import load_backend
+    from ppstage.model.quality import check_quality_report
     from ppstage.stages.process import RankOptions, exit_process, run_rank
 
-    try:
-        config = PPStageConfig.from_toml(args.config)
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if config.recompute.mode == "r0":
-            # The R0 rollout gate, checked by every rank before any collective so
-            # that all refuse together (the report path must exist on every node).
-            check_quality_report(config)
-    except (ConfigError, QualityError, KeyError, ValueError) as exc:
-        print(f"ppstage launch: {exc}")
-        return 2
+    load_backend(config)  # an unknown [model] backend fails here, not in the first collective
+    rank, world = torchrun_rank()
+    if config.recompute.mode == "r0":
+        # The R0 rollout gate (the report path must exist on every node).
+        check_quality_report(config)
     opts = RankOptions(
         rank=rank,
         world_size=world,
@@ -71,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         script=script_from_args(args),
         summary_out=args.summary_out,
         latents_out=args.latents_out,
+        chunks_out=args.chunks_out,
         pause_before=_pauses(args.pause_at),
         json_logs=args.json_logs,
         log_level=args.log_level,

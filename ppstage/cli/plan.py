@@ -4,48 +4,47 @@ from __future__ import annotations
 
 import argparse
 
-from ppstage.cli.args import non_negative_int, positive_int
+from ppstage.cli.args import non_negative_int, positive_int, prompt_at, text
 
 HELP = "print the lifecycle plan of a scripted stream (no model, no processes)"
+COLUMNS = ("chunk", "call", "epoch", "start", "init", "xattn", "recompute", "calls", "context", "source", "prompt")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=positive_int, default=8)
     p.add_argument("--mode", choices=("r1", "r0a", "r0"), default="r0a")
     p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
-    p.add_argument("--prompt", default="a red fox running through snow")
-    p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
+    p.add_argument("--prompt", type=text, default="a red fox running through snow")
+    p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--config", default=None, help="TOML config file")
 
 
 def parse_prompt_at(values: list[str]) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for v in values:
-        k, sep, text = v.partition(":")
-        if not sep or not k.isdigit() or not text:
-            raise SystemExit(f"--prompt-at expects K:TEXT, got {v!r}")
-        out[int(k)] = text
-    return out
+    """``--prompt-at K:TEXT`` values (checked by the argparse type) as ``{chunk: prompt}``."""
+    return {int(k): prompt for k, _, prompt in (v.partition(":") for v in values)}
 
 
 def run(args: argparse.Namespace) -> int:
     from ppstage.config import PPStageConfig
+    from ppstage.cli.output import console, is_terminal, table
     from ppstage.core.planner import HardCut, Planner, PromptUpdate, StreamStart
 
     cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
     cfg = cfg.with_overrides({"recompute.mode": args.mode})
+    from ppstage.model.loader import load_backend
+
+    load_backend(cfg)  # no model runs here, but a config naming an unknown backend is still refused
     prompts = parse_prompt_at(args.prompt_at)
     planner = Planner(cfg)
     planner.submit(StreamStart(args.prompt))
-    cols = "chunk call epoch start init xattn recompute calls context source"
-    print(" ".join(f"{c:>8}" for c in cols.split()))
+    rows = []
     for k in range(args.chunks):
         if k in args.cut_at:
             planner.submit(HardCut())
         if k in prompts:
             planner.submit(PromptUpdate(prompts[k]))
         p = planner.next_chunk()
-        row = (
+        rows.append((
             p.chunk_index,
             p.call_id,
             p.cache_epoch,
@@ -56,6 +55,14 @@ def run(args: argparse.Namespace) -> int:
             p.expected_generator_calls,
             ",".join(map(str, p.context_frame_indices)) or "-",
             p.context_source,
-        )
-        print(" ".join(f"{v!s:>8}" for v in row))
+            p.prompt,
+        ))
+    if is_terminal():
+        title = f"plan: mode {cfg.recompute.mode}, {args.chunks} chunks"
+        console().print(table(title, COLUMNS, rows, right=COLUMNS[:8]))
+        return 0
+    # Plain: fixed-width columns, the prompt last (it may hold spaces).
+    print(" ".join(f"{c:>8}" for c in COLUMNS[:-1]), " prompt")
+    for row in rows:
+        print(" ".join(f"{v!s:>8}" for v in row[:-1]), f" {row[-1]}")
     return 0

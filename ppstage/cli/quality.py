@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ppstage.cli.args import non_negative_int, positive_int
+from ppstage.cli.args import non_negative_float, non_negative_int, positive_int, prompt_at, text
 
 HELP = "compare decoded frames of two recompute modes (PSNR, max abs diff); PASS/FAIL report"
 
@@ -13,28 +13,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", choices=("r1", "r0a", "r0"), default="r0a")
     p.add_argument("--candidate", choices=("r1", "r0a", "r0"), default="r0")
     p.add_argument("--chunks", type=positive_int, default=12)
-    p.add_argument("--threshold", type=float, default=None, metavar="DB",
+    p.add_argument("--threshold", type=non_negative_float, default=None, metavar="DB",
                    help="minimum per-chunk PSNR to PASS (default 35 dB)")
     p.add_argument("--out", default="out/quality.json", help="report JSON path")
-    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt", type=text, default=None)
     p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
-    p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
+    p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--config", default=None, help="TOML config file")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
 
 
 def run(args: argparse.Namespace) -> int:
     """Exit status 0 on PASS, 1 on FAIL (a gate a script can use)."""
     from pathlib import Path
 
-    import torch
-
     from ppstage.config import PPStageConfig
-    from ppstage.model.quality import DEFAULT_THRESHOLD_DB, format_table, run_quality, write_report
+    from ppstage.cli.output import console, is_terminal, table
     from ppstage.cli.reference import script_from_args
 
+    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()  # before torch: fast errors
+    import torch
+
+    from ppstage.model.quality import DEFAULT_THRESHOLD_DB, format_table, run_quality, write_report
+
     torch.set_num_threads(args.threads)
-    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
     report = run_quality(
         cfg,
         baseline=args.baseline,
@@ -46,6 +48,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_report(out, report)
-    print(format_table(report))
+    if is_terminal():
+        rows = [(r.chunk_index, r.cache_epoch, "inf" if r.psnr_db is None else f"{r.psnr_db:.2f}",
+                 r.max_abs_diff, f"{r.mean_abs_diff:.4f}") for r in report.rows]
+        cols = ("chunk", "epoch", "psnr_db", "max_abs", "mean_abs")
+        verdict = format_table(report).splitlines()[-1]
+        console().print(table(f"quality: {report.candidate} vs {report.baseline}", cols, rows, right=cols))
+        console().print(f"[bold {'green' if report.passed else 'red'}]{verdict}[/]")
+    else:
+        print(format_table(report))
     print(f"config digest {report.config_digest}; wrote {out}")
     return 0 if report.passed else 1

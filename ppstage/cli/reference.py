@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ppstage.cli.args import non_negative_int, positive_int
+from ppstage.cli.args import non_negative_int, positive_int, prompt_at, text
 
 HELP = "run the single-process reference model (R1/R0a/R0); write digests JSON and a contact sheet"
 
@@ -12,12 +12,12 @@ HELP = "run the single-process reference model (R1/R0a/R0); write digests JSON a
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=positive_int, default=8)
     p.add_argument("--mode", choices=("r1", "r0a", "r0"), default=None, help="default: the config's")
-    p.add_argument("--prompt", default=None, help="stream prompt (default: the reference's)")
+    p.add_argument("--prompt", type=text, default=None, help="stream prompt (default: the reference's)")
     p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
-    p.add_argument("--prompt-at", action="append", default=[], metavar="K:TEXT")
+    p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--out", default="out/reference", help="output directory")
     p.add_argument("--config", default=None, help="TOML config file")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (timings: 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (timings: 1)")
 
 
 def script_from_args(args: argparse.Namespace):  # -> StreamScript
@@ -35,13 +35,15 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from ppstage.config import PPStageConfig
+    from ppstage.cli.output import console, is_terminal, table
+
+    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()  # before torch: fast errors
     import torch
 
-    from ppstage.config import PPStageConfig
     from ppstage.model.reference import contact_sheet, median_model_ms, run_reference, write_png
 
     torch.set_num_threads(args.threads)
-    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
     if args.mode:
         cfg = cfg.with_overrides({"recompute.mode": args.mode})
     records = run_reference(cfg, args.chunks, script_from_args(args))
@@ -61,13 +63,21 @@ def run(args: argparse.Namespace) -> int:
 
     cols = ("chunk", "epoch", "start", "recomp", "source", "calls",
             "output_digest", "state_digest", "ms")
+    rows = [
+        (r.chunk_index, r.cache_epoch, r.current_start_frame, int(r.do_kv_recompute), r.context_source,
+         r.generator_calls, r.output_digest[:14], r.state_digest[:14], f"{r.model_ms:.2f}")
+        for r in records
+    ]
+    footer = (f"model time per chunk: median {median:.2f} ms over {len(records)} chunks "
+              f"({args.threads} thread{'s' if args.threads != 1 else ''}, mode {cfg.recompute.mode})\n"
+              f"wrote {out / 'digests.json'} and {out / 'contact_sheet.png'}")
+    if is_terminal():
+        console().print(table(f"reference: mode {cfg.recompute.mode}, backend {cfg.model.backend}", cols, rows,
+                              right=("chunk", "epoch", "start", "recomp", "calls", "ms")))
+        console().print(footer)
+        return 0
     print(" ".join(f"{c:>14}" if "digest" in c else f"{c:>7}" for c in cols))
-    for r in records:
-        row = (r.chunk_index, r.cache_epoch, r.current_start_frame, int(r.do_kv_recompute),
-               r.context_source, r.generator_calls)
-        print(" ".join(f"{v!s:>7}" for v in row),
-              f"{r.output_digest[:14]:>14} {r.state_digest[:14]:>14} {r.model_ms:7.2f}")
-    print(f"model time per chunk: median {median:.2f} ms over {len(records)} chunks "
-          f"({args.threads} thread{'s' if args.threads != 1 else ''}, mode {cfg.recompute.mode})")
-    print(f"wrote {out / 'digests.json'} and {out / 'contact_sheet.png'}")
+    for row in rows:
+        print(" ".join(f"{v!s:>7}" for v in row[:6]), f"{row[6]:>14} {row[7]:>14} {row[8]:>7}")
+    print(footer)
     return 0

@@ -25,7 +25,7 @@ from ppstage.config import PPStageConfig
 from ppstage.errors import StateDivergence
 from ppstage.model.digest import tensor_digest
 from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_chunk
-from ppstage.model.stage import GeneratorStage
+from ppstage.model.loader import build_generator
 from ppstage.core.plan import ChunkPlan
 from ppstage.core.planner import (
     AttentionBiasChange,
@@ -94,7 +94,7 @@ class ReferencePipeline:
         self.stream = StreamInputs(config)
         self.scheduler = FlowMatchScheduler.from_config(config)
         ranges = layer_ranges or [(0, config.model.layers)]
-        self.stages = [GeneratorStage(config, r) for r in ranges]
+        self.stages = [build_generator(config, r) for r in ranges]
         if not self.stages[0].is_first or not self.stages[-1].is_last:
             raise ValueError(f"layer ranges {ranges} must cover the model end to end")
 

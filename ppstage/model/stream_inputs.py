@@ -29,7 +29,8 @@ from torch import Tensor
 from protocol import ProtocolError
 
 from ppstage.config import PPStageConfig
-from ppstage.model.backend import Stage0Backend, ToyStage0
+from ppstage.model.backend import Stage0Backend
+from ppstage.model.loader import build_stage0
 from ppstage.model.scheduler import initial_latents, latent_shape
 from ppstage.core.plan import ChunkPlan
 
@@ -63,7 +64,7 @@ def _ids(plan: ChunkPlan) -> dict[str, int]:
 class StreamInputs:
     def __init__(self, config: PPStageConfig, backend: Stage0Backend | None = None) -> None:
         self.config = config
-        self.backend: Stage0Backend = backend if backend is not None else ToyStage0(config.model)
+        self.backend: Stage0Backend = backend if backend is not None else build_stage0(config)
         self._shape = latent_shape(config)
         self._lock = threading.Lock()
         self._epoch = -1

@@ -79,6 +79,16 @@ def _ratio(s: dict[str, Any]) -> str:
 def format_summary(
     summary: dict[str, Any], check: DigestCheck | None, *, stages: int, tp: int, mode: str, tol: float = 0.0
 ) -> str:
+    """The run summary as aligned plain lines (``summary_rows``)."""
+    rows = summary_rows(summary, check, stages=stages, tp=tp, mode=mode, tol=tol)
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def summary_rows(
+    summary: dict[str, Any], check: DigestCheck | None, *, stages: int, tp: int, mode: str, tol: float = 0.0
+) -> list[tuple[str, str]]:
+    """``(name, value)`` rows of a run summary and its digest check (plain or rich)."""
     s = summary
     rows = [
         ("topology", f"rank 0 + {stages} stage(s) x tp {tp}, mode {mode}"),
@@ -101,5 +111,4 @@ def format_summary(
              + (f"; lost {check.missing}" if check.missing else "")
              + (f"; dropped by hard cut {check.dropped_by_cut}" if check.dropped_by_cut else ""))
         )
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    return rows

@@ -4,7 +4,10 @@ Used by ``ppstage demo`` and by the multi-process tests. Each rank gets the
 torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
 with a free port chosen at run time. Rank 0's stdout (progress lines) can be
 passed through; every rank's stderr (its structured log) goes to
-``<out>/rank<r>.log``.
+``<out>/rank<r>.log``. Rank 0 appends one JSON line per finished chunk to
+``<out>/chunks.jsonl`` (``Pipeline.chunk_records``: what the digest check
+reads, at any run length) and, only when asked, each emitted chunk's
+latents to ``<out>/latents/`` (the tolerance check of tensor parallelism).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
@@ -41,27 +44,44 @@ class Pipeline:
     out_dir: Path
     summary_path: Path
     exit_codes: list[int | None] = field(default_factory=list)
+    timed_out: bool = False  # ``wait`` gave up at its deadline and killed the ranks still running
 
     def signal_rank0(self, sig: int = signal.SIGTERM) -> None:
         if self.procs[0].poll() is None:
             self.procs[0].send_signal(sig)
 
-    def wait(self, timeout_s: float, *, grace_s: float = 15.0) -> list[int | None]:
+    def wait(
+        self,
+        timeout_s: float | None,
+        *,
+        grace_s: float = 15.0,
+        on_tick: Callable[[], None] | None = None,
+        tick_s: float = 0.05,
+    ) -> list[int | None]:
         """Wait for every rank; once one fails, the rest get ``grace_s`` to exit on their own.
 
-        Ranks still alive at the end are killed (reported as ``None``): nothing
-        is ever leaked, and a hang shows up as ``None`` rather than as a hang.
+        ``timeout_s=None`` waits as long as the ranks run. Ranks still alive at
+        the end are killed (reported as ``None``, and ``timed_out`` is set when
+        the deadline was the reason): nothing is ever leaked, and a hang shows
+        up as ``None`` rather than as a hang. ``on_tick`` runs every ``tick_s``
+        while waiting (a progress display).
         """
-        end = time.monotonic() + timeout_s
+        end = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
         first_failure: float | None = None
-        while time.monotonic() < end:
+        self.timed_out = False
+        while True:
             codes = [p.poll() for p in self.procs]
             if all(c is not None for c in codes):
+                break
+            if time.monotonic() >= end:
+                self.timed_out = first_failure is None
                 break
             if first_failure is None and any(c not in (None, 0) for c in codes):
                 first_failure = time.monotonic()
                 end = min(end, first_failure + grace_s)
-            time.sleep(0.05)
+            if on_tick is not None:
+                on_tick()
+            time.sleep(tick_s)
         self.exit_codes = []
         for p in self.procs:
             code = p.poll()
@@ -83,6 +103,20 @@ class Pipeline:
             return json.loads(self.summary_path.read_text())
         except (OSError, ValueError):
             return None
+
+    def chunk_records(self) -> list[dict[str, Any]]:
+        """Rank 0's chunk stream: one dict per chunk whose outcome is final, in the order they ended."""
+        try:
+            text = (self.out_dir / "chunks.jsonl").read_text()
+        except OSError:
+            return []
+        records = []
+        for line in text.splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut short by a kill
+                break
+        return records
 
     def latents(self, chunk_index: int) -> "torch.Tensor | None":
         """Rank 0's ``latents_out`` of an emitted chunk (raw float32, shape from the config)."""
@@ -108,6 +142,7 @@ def start_pipeline(
     chunks: int,
     launch_args: list[str] = (),  # type: ignore[assignment]
     passthrough_stdout: bool = False,
+    write_latents: bool = True,
     env_overrides: dict[int, dict[str, str]] | None = None,
     config_overrides: dict[int, PPStageConfig] | None = None,
 ) -> Pipeline:
@@ -115,6 +150,8 @@ def start_pipeline(
 
     ``config_overrides`` gives a rank a different config (tests of the parity
     handshake); ``env_overrides`` adds environment variables per rank.
+    ``write_latents`` makes rank 0 write every emitted chunk's latents to
+    ``<out>/latents`` (only the tensor-parallel tolerance check needs them).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +159,7 @@ def start_pipeline(
     port = free_port()
     summary = out / "summary.json"
     summary.unlink(missing_ok=True)
+    (out / "chunks.jsonl").unlink(missing_ok=True)
     procs: list[subprocess.Popen] = []
     try:
         for rank in range(world):
@@ -143,7 +181,9 @@ def start_pipeline(
                 "--config", str(cfg_path), "--chunks", str(chunks), *launch_args,
             ]
             if rank == 0:
-                cmd += ["--summary-out", str(summary), "--latents-out", str(out / "latents")]
+                cmd += ["--summary-out", str(summary), "--chunks-out", str(out / "chunks.jsonl")]
+                if write_latents:
+                    cmd += ["--latents-out", str(out / "latents")]
             stdout = None if (rank == 0 and passthrough_stdout) else subprocess.DEVNULL
             with open(out / f"rank{rank}.log", "wb") as log_file:
                 procs.append(subprocess.Popen(cmd, env=env, stdout=stdout, stderr=log_file))

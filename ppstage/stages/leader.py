@@ -39,7 +39,8 @@ from ppstage.faults.drills import fault_from_env, out_of_band_reset
 from ppstage.observability.logs import ids_of
 from ppstage.model.digest import tensor_digest
 from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step
-from ppstage.model.stage import GeneratorStage
+from ppstage.model.backend import GeneratorBackend
+from ppstage.model.loader import build_generator
 from ppstage.distributed.topology import MeshComm, Role
 from ppstage.distributed.transport import Inbound, Transport
 from ppstage.stages.envelopes import error_result, hop, ok_result
@@ -48,10 +49,10 @@ from ppstage.stages.mesh import MeshRelay
 log = structlog.get_logger("ppstage.stage")
 
 
-def build_stage_model(config: PPStageConfig, role: Role, comm: MeshComm) -> GeneratorStage:
+def build_stage_model(config: PPStageConfig, role: Role, comm: MeshComm) -> GeneratorBackend:
     assert role.layer_range is not None  # generator ranks always own layers
     reduce = comm.all_reduce if role.tp_size > 1 else None
-    model = GeneratorStage(
+    model = build_generator(
         config, role.layer_range, tp_rank=role.tp_rank, tp_size=role.tp_size, reduce=reduce
     )
     # SPEC section 9: the weight fingerprint of every shard, logged once at start-up.

@@ -44,6 +44,7 @@ class RankOptions(msgspec.Struct, frozen=True, kw_only=True):
     script: StreamScript = msgspec.field(default_factory=StreamScript)
     summary_out: str | None = None
     latents_out: str | None = None
+    chunks_out: str | None = None
     pause_before: dict[int, float] = msgspec.field(default_factory=dict)
     json_logs: bool = False
     log_level: str = "info"
@@ -125,6 +126,7 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
         actor = Stage0Actor(
             config, role, transport, opts.script, opts.chunks, fatal,
             progress=progress, latents_dir=latents_dir, pause_before=opts.pause_before,
+            chunk_stream=Path(opts.chunks_out) if opts.chunks_out else None,
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, actor.on_sigterm)

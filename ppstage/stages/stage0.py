@@ -52,7 +52,7 @@ from ppstage.model.stream_inputs import StaleInputs, StreamInputs
 from ppstage.distributed.topology import Role
 from ppstage.distributed.transport import Transport
 from ppstage.stages.envelopes import infer_envelope
-from ppstage.observability.metrics import ChunkEvents, RunSummary, summarize
+from ppstage.observability.metrics import ChunkEvents, ChunkLedger, RunSummary, summarize
 from ppstage.stages.deadlines import ResultDeadline
 
 log = structlog.get_logger("ppstage.stage0")
@@ -83,6 +83,7 @@ class Stage0Actor:
         sink: Sink | None = None,
         progress: Callable[[ChunkEvents], None] | None = None,
         latents_dir: Path | None = None,
+        chunk_stream: Path | None = None,
         pause_before: dict[int, float] | None = None,
     ) -> None:
         self.config = config
@@ -100,7 +101,10 @@ class Stage0Actor:
         self.gate = EpochGate()
         self.stream = StreamInputs(config)
         self.shadow = CacheLifecycle(cache_geometry(config))
-        self.events: dict[int, ChunkEvents] = {}
+        # One JSON line per chunk once its outcome is final (what the demo's
+        # digest check reads): the in-memory ledger keeps only a recent ring.
+        self._stream = open(chunk_stream, "ab") if chunk_stream is not None else None
+        self.ledger = ChunkLedger(on_final=self._record_final)
         self.expected_digest: dict[int, str] = {}
         self.plans: dict[int, ChunkPlan] = {}
         self.leader1 = role.leader_of(1)
@@ -163,9 +167,14 @@ class Stage0Actor:
             for t in [producer, *tasks]:
                 t.cancel()
             self._decoder.shutdown(wait=False, cancel_futures=True)
-        events = [self.events[k] for k in sorted(self.events)]
+        for ev in self.ledger.unfinished():  # a failed run: the stream names what was lost
+            self._record_final(ev)
+        if self._stream is not None:
+            self._stream.close()
+        events = self.ledger.recent()
         summary = summarize(
             events,
+            totals=self.ledger.totals,
             frames_per_chunk=self.config.cache.chunk_frames,
             max_in_flight=self.max_in_flight,
             max_decode_queue=self.max_decode_queue,
@@ -201,8 +210,7 @@ class Stage0Actor:
             if plan.init_cache and k > 0:
                 self._log.info("hard cut", forced=plan.forced_cut, **ids_of(plan))
             await self._wait(lambda: self._inputs_ready(plan))
-            ev = ChunkEvents(chunk_index=plan.chunk_index, call_id=plan.call_id, cache_epoch=plan.cache_epoch)
-            self.events[plan.chunk_index] = ev
+            ev = self.ledger.open(plan.chunk_index, plan.call_id, plan.cache_epoch)
             ev.build_start = time.perf_counter()
             inputs = self.stream.chunk_inputs(plan)
             env, tensors = infer_envelope(plan, inputs)
@@ -257,13 +265,13 @@ class Stage0Actor:
                 raise ProtocolError(f"unexpected {action_of(msg)} on the result link", **ids_of(msg))
             latents = item.tensors.get("latents_out")
             verdict = self.gate.admit(msg)
-            ev = self.events.get(msg.chunk_index)
+            ev = self.ledger.get(msg.chunk_index)
             if not verdict.accepted:
                 self._log.info("result dropped", reason=verdict.reason, **ids_of(msg))
                 self.plans.pop(msg.call_id, None)  # a stale plan is never accepted later
                 self.expected_digest.pop(msg.call_id, None)
                 if ev is not None and ev.outcome == "in_flight":
-                    ev.outcome = verdict.reason
+                    self.ledger.finish(ev, verdict.reason)
                 self._progress.set()
                 continue
             assert latents is not None  # the gate refuses an ok result without it
@@ -324,7 +332,8 @@ class Stage0Actor:
         cost_s = self.config.runtime.simulated_decode_ms / 1e3
         while True:
             plan, latents = await self._decode_q.get()
-            ev = self.events[plan.chunk_index]
+            ev = self.ledger.get(plan.chunk_index)
+            assert ev is not None  # in flight: the ledger keeps it
             if plan.cache_epoch < self.gate.epoch:
                 self._flush(ev)
                 continue
@@ -343,11 +352,21 @@ class Stage0Actor:
             if self.sink is not None:
                 self.sink(plan, pixels)
             ev.emitted = time.perf_counter()
-            ev.outcome = "emitted"
+            self.ledger.finish(ev, "emitted")
             self._log.debug("chunk emitted", **ids_of(plan))
             if self.progress is not None:
                 self.progress(ev)
             self._progress.set()
+
+    def _record_final(self, ev: ChunkEvents) -> None:
+        if self._stream is None:
+            return
+        line = {
+            "chunk_index": ev.chunk_index, "call_id": ev.call_id, "cache_epoch": ev.cache_epoch,
+            "outcome": ev.outcome, "output_digest": ev.output_digest, "emitted": ev.emitted,
+        }
+        self._stream.write(msgspec.json.encode(line) + b"\n")
+        self._stream.flush()  # a reader (the demo's progress, a killed run's report) sees it now
 
     def _decode_one(self, plan: ChunkPlan, latents: torch.Tensor, cost_s: float) -> torch.Tensor:
         pixels = self.stream.decode(plan, latents)
@@ -356,7 +375,7 @@ class Stage0Actor:
         return pixels
 
     def _flush(self, ev: ChunkEvents) -> None:
-        ev.outcome = "flushed"
+        self.ledger.finish(ev, "flushed")
         self.flushed += 1
         self._progress.set()
         self._log.info("decode flushed by hard cut", chunk_index=ev.chunk_index, cache_epoch=ev.cache_epoch)

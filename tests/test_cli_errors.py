@@ -1,0 +1,156 @@
+"""Every ``ppstage`` command ends a user error with one line and exit 2, never a traceback.
+
+Each case runs the console script as a subprocess, as a user would: bad configs
+(missing file, invalid TOML, unknown key, wrong type, out-of-range value,
+unknown model backend) for every command that reads one, and bad flags for
+every command. A typed runtime error of a run that started ends with exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from ppstage.cli import COMMANDS, main
+from ppstage.config import PPStageConfig
+from protocol import ProtocolError
+
+pytestmark = pytest.mark.timeout(240)
+
+# name -> (TOML text or None for a missing file, a word the one-line message must contain)
+BAD_CONFIGS = {
+    "missing-file": (None, "No such file"),
+    "invalid-toml": ("[model\ndim = 64\n", "cannot read config"),
+    "unknown-key": ("[model]\ncolour = 'red'\n", "colour"),
+    "unknown-section": ("[modle]\ndim = 64\n", "modle"),
+    "wrong-type": ("[model]\ndim = 'big'\n", "model.dim"),
+    "out-of-range": ("[runtime]\nd_in = 0\n", "runtime"),
+    "inconsistent": ("[topology]\nstages = 9\n", "stages"),
+    "unknown-backend": ("[model]\nbackend = 'no-such-model'\n", "model.backend"),
+}
+# Commands that read --config; bench takes none.
+CONFIG_COMMANDS = [c for c in COMMANDS if c != "bench"]
+COMMAND_ARGS = {"demo": ["--chunks", "2", "--no-check"], "launch": ["--chunks", "2"], "plan": ["--chunks", "2"],
+                "reference": ["--chunks", "1"], "quality": ["--chunks", "1"], "config": []}
+
+BAD_FLAGS = [
+    ("demo", ["--chunks", "0"]),
+    ("demo", ["--stages", "two"]),
+    ("demo", ["--timeout", "-1"]),
+    ("demo", ["--prompt-at", "3"]),
+    ("demo", ["--simulate-decode-ms", "-5"]),
+    ("demo", ["--mode", "r9"]),
+    ("launch", []),  # --config is required
+    ("launch", ["--config", "x.toml", "--pause-at", "2:soon"]),
+    ("config", ["--stages", "0"]),
+    ("config", ["--backend", "mpi"]),
+    ("plan", ["--cut-at", "-1"]),
+    ("plan", ["--prompt", " "]),
+    ("plan", ["--prompt-at", "x:a fox"]),
+    ("reference", ["--threads", "0"]),
+    ("reference", ["--chunks", "many"]),
+    ("quality", ["--threshold", "loud"]),
+    ("quality", ["--baseline", "r9"]),
+    ("bench", ["nothing"]),
+    ("bench", ["protocol", "--iterations", "0"]),
+    ("nosuchcommand", []),
+    ("demo", ["--no-such-flag"]),
+]
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def ppstage(args: list[str], cwd, env: dict[str, str] | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    return subprocess.run(
+        [sys.executable, "-m", "ppstage.cli", *args], cwd=cwd, env={**base, **(env or {})},
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess, command: str, status: int, word: str, *, case: str = ""
+) -> None:
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output, (case, output)
+    assert proc.returncode == status, (case, output)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, (case, proc.stderr)
+    assert lines[0].startswith(f"ppstage {command}: ") and word in lines[0], (case, lines[0])
+
+
+def test_every_command_is_covered():
+    assert set(CONFIG_COMMANDS) | {"bench"} == set(COMMANDS)
+    assert {c for c, _ in BAD_FLAGS} >= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS)
+def test_a_bad_config_ends_with_one_line_and_status_2(tmp_path, command):
+    runs = {}
+    for case, (text, word) in BAD_CONFIGS.items():
+        path = tmp_path / f"{case}.toml"
+        if text is not None:
+            path.write_text(text)
+        runs[case] = ([command, "--config", str(path), *COMMAND_ARGS[command]], word)
+    # The cases are independent processes: run them side by side (start-up dominates).
+    with ThreadPoolExecutor(4) as pool:
+        done = {case: pool.submit(ppstage, argv, tmp_path) for case, (argv, _) in runs.items()}
+    for case, future in done.items():
+        assert_one_line_error(future.result(), command, 2, runs[case][1], case=case)
+    assert not list(tmp_path.glob("ppstage-demo-*")) and not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_a_bad_flag_is_a_usage_error_with_status_2(tmp_path):
+    with ThreadPoolExecutor(4) as pool:
+        done = [(c, f, pool.submit(ppstage, [c, *f], tmp_path)) for c, f in BAD_FLAGS]
+    for command, flags, future in done:
+        proc = future.result()
+        assert "Traceback" not in proc.stdout + proc.stderr, (command, flags, proc.stderr)
+        assert proc.returncode == 2, (command, flags, proc.stderr)
+        assert "error:" in proc.stderr.strip().splitlines()[-1], (command, flags, proc.stderr)
+
+
+def test_launch_outside_torchrun_names_the_missing_environment(tmp_path):
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text(PPStageConfig().to_toml())
+    proc = ppstage(["launch", "--config", str(cfg)], tmp_path)
+    assert_one_line_error(proc, "launch", 2, "RANK")
+
+
+def test_a_typed_runtime_error_ends_with_one_line_and_status_1(monkeypatch, capsys):
+    import ppstage.cli.plan as plan
+
+    def broken(args):
+        raise ProtocolError("the wire said no", chunk_index=3)
+
+    monkeypatch.setattr(plan, "run", broken)
+    assert main(["plan"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ppstage plan: ProtocolError: the wire said no (chunk_index=3)"]
+
+
+def test_a_demo_run_that_fails_reports_it_and_exits_1(tmp_path):
+    # A tampered envelope (break-it B5): the run starts, the receiving leader refuses it.
+    fault = json.dumps({"kind": "tamper_envelope", "chunk_index": 1})
+    out = tmp_path / "run"
+    proc = ppstage(["demo", "--chunks", "4", "--quiet", "--out", str(out), "--timeout", "150"], tmp_path,
+                   env={"PPSTAGE_FAULT": fault}, timeout=200)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED" in proc.stderr and "DigestMismatch" in proc.stderr
+
+
+def test_a_demo_timeout_says_so_and_shows_every_ranks_log(tmp_path):
+    out = tmp_path / "run"
+    proc = ppstage(["demo", "--chunks", "100000", "--no-check", "--quiet", "--out", str(out), "--timeout", "2"],
+                   tmp_path)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "timed out after 2 s" in proc.stderr
+    for rank in range(3):
+        assert f"--- rank {rank} (killed at the timeout) last log lines ---" in proc.stderr
