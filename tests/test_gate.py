@@ -12,6 +12,7 @@ from ppstage.errors import (
     GateError,
     MissingTensor,
     OutOfOrderResult,
+    PPStageError,
     RemoteStageError,
 )
 from ppstage.core.gate import EpochGate
@@ -227,8 +228,9 @@ def test_chunk_index_differing_from_the_plan_is_a_gate_error():
 @pytest.mark.parametrize(
     "error", [GateError, FutureResult, OutOfOrderResult, RemoteStageError, MissingTensor, CallCountMismatch]
 )
-def test_every_gate_refusal_is_a_protocol_error(error):
-    assert issubclass(error, ProtocolError)
+def test_every_gate_refusal_is_a_runtime_error_not_a_wire_error(error):
+    assert issubclass(error, PPStageError)
+    assert not issubclass(error, ProtocolError)
 
 
 # -- registering plans ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Literal
 
 import msgspec
 
-from protocol import ChunkResult
+from protocol import ChunkId, ChunkResult
 
 from ppstage.errors import (
     CallCountMismatch,
@@ -28,14 +28,22 @@ from ppstage.errors import (
 )
 from ppstage.core.plan import ChunkPlan
 
+__all__ = ["DropReason", "EpochGate", "Outstanding", "Verdict"]
+
 DropReason = Literal["stale_epoch", "duplicate"]
 
 
 class Outstanding(msgspec.Struct, frozen=True):
+    """A registered plan whose result is still owed."""
+
     call_id: int
     chunk_index: int
     cache_epoch: int
     expected_generator_calls: int
+
+    @property
+    def id(self) -> ChunkId:
+        return ChunkId.of(self)
 
 
 class Verdict(msgspec.Struct, frozen=True):
@@ -68,61 +76,53 @@ class EpochGate:
         if plan.init_cache:
             if plan.cache_epoch <= self._epoch:
                 raise GateError(
-                    f"hard cut to epoch {plan.cache_epoch} not after {self._epoch}",
-                    call_id=plan.call_id,
-                    chunk_index=plan.chunk_index,
-                    cache_epoch=plan.cache_epoch,
+                    f"hard cut to epoch {plan.cache_epoch} not after {self._epoch}", chunk=plan.id
                 )
             self._epoch = plan.cache_epoch
         elif plan.cache_epoch != self._epoch:
             raise GateError(
-                f"plan of epoch {plan.cache_epoch} while the gate is at {self._epoch}",
-                call_id=plan.call_id,
-                chunk_index=plan.chunk_index,
-                cache_epoch=plan.cache_epoch,
+                f"plan of epoch {plan.cache_epoch} while the gate is at {self._epoch}", chunk=plan.id
             )
         if self._outstanding and plan.call_id <= next(reversed(self._outstanding)):
-            raise GateError("plans must be registered in call_id order", call_id=plan.call_id)
+            raise GateError("plans must be registered in call_id order", chunk=plan.id)
         self._outstanding[plan.call_id] = Outstanding(
             plan.call_id, plan.chunk_index, plan.cache_epoch, plan.expected_generator_calls
         )
 
     def admit(self, result: ChunkResult) -> Verdict:
         """Accept or drop ``result``; raise ``GateError`` for a broken contract."""
-        ids = dict(
-            call_id=result.call_id, chunk_index=result.chunk_index, cache_epoch=result.cache_epoch
-        )
+        chunk = result.id
         if result.cache_epoch < self._epoch:
             owed = self._outstanding.get(result.call_id)
             if owed is not None and owed.cache_epoch == result.cache_epoch:
                 del self._outstanding[result.call_id]
             return self._drop("stale_epoch")
         if result.cache_epoch > self._epoch:
-            raise FutureResult(f"result from future epoch (gate at {self._epoch})", **ids)
+            raise FutureResult(f"result from future epoch (gate at {self._epoch})", chunk=chunk)
         if result.call_id <= self._last_accepted_call and result.call_id not in self._outstanding:
             return self._drop("duplicate")
         current = [o for o in self._outstanding.values() if o.cache_epoch == self._epoch]
         if not current:
-            raise FutureResult("result for a call that was never planned", **ids)
+            raise FutureResult("result for a call that was never planned", chunk=chunk)
         head = current[0]
         if result.call_id != head.call_id:
             if result.call_id in self._outstanding:
-                raise OutOfOrderResult(f"result arrived before call {head.call_id}'s", **ids)
-            raise FutureResult("result for a call that was never planned", **ids)
+                raise OutOfOrderResult(f"result arrived before call {head.call_id}'s", chunk=chunk)
+            raise FutureResult("result for a call that was never planned", chunk=chunk)
         if result.chunk_index != head.chunk_index:
-            raise GateError(f"chunk_index differs from the plan's {head.chunk_index}", **ids)
+            raise GateError(f"chunk_index differs from the plan's {head.chunk_index}", chunk=chunk)
         # A contract failure of the head call is terminal for the stream, so it
         # stays outstanding: nothing after it may be accepted either.
         if not result.ok:
-            raise RemoteStageError(f"stage error: {result.error}", **ids)
+            raise RemoteStageError(f"stage error: {result.error}", chunk=chunk)
         if result.observed_generator_calls != head.expected_generator_calls:
             raise CallCountMismatch(
                 f"observed {result.observed_generator_calls} generator calls, "
                 f"planned {head.expected_generator_calls}",
-                **ids,
+                chunk=chunk,
             )
         if [t.name for t in result.tensors] != ["latents_out"]:
-            raise MissingTensor("ok result without latents_out", **ids)
+            raise MissingTensor("ok result without latents_out", chunk=chunk)
         del self._outstanding[head.call_id]
         self._last_accepted_call = head.call_id
         self.accepted += 1

@@ -14,10 +14,23 @@ from typing import Union
 
 import msgspec
 
-from protocol import ProtocolError
+from protocol import ANCHOR_FOR_MODE, ChunkId
 
-from ppstage.config import PPStageConfig
+from ppstage.config import PPStageConfig, step_list_problem
 from ppstage.core.plan import ChunkPlan
+from ppstage.errors import PPStageError
+
+
+__all__ = [
+    "AttentionBiasChange",
+    "HardCut",
+    "Intent",
+    "Planner",
+    "PlannerError",
+    "PromptUpdate",
+    "StepListChange",
+    "StreamStart",
+]
 
 
 class HardCut(msgspec.Struct, frozen=True, tag="hard_cut"):
@@ -42,19 +55,9 @@ class StepListChange(msgspec.Struct, frozen=True, tag="step_list"):
 
 Intent = Union[HardCut, StreamStart, PromptUpdate, AttentionBiasChange, StepListChange]
 
-ANCHOR_FOR_MODE = {"r1": "none", "r0a": "decoded", "r0": "latent"}
 
-
-class PlannerError(ProtocolError):
+class PlannerError(PPStageError):
     """An intent or request the planner cannot honour (typed, never silent)."""
-
-
-class ControlIds(msgspec.Struct, frozen=True):
-    """Identity stamped on a NOOP / SHUTDOWN / ERROR message."""
-
-    call_id: int
-    chunk_index: int
-    cache_epoch: int
 
 
 class Planner:
@@ -79,11 +82,9 @@ class Planner:
         if isinstance(intent, AttentionBiasChange) and not (0.0 < intent.bias < float("inf")):
             raise PlannerError(f"attention bias must be positive and finite, got {intent.bias}")
         if isinstance(intent, StepListChange):
-            steps = list(intent.steps)
-            if not steps or steps != sorted(steps, reverse=True) or len(set(steps)) != len(steps):
-                raise PlannerError(f"step list must be strictly decreasing, got {intent.steps}")
-            if any(not 0 < t <= 1000 for t in steps):
-                raise PlannerError("timesteps must lie in (0, 1000]")
+            problem = step_list_problem(intent.steps)
+            if problem is not None:
+                raise PlannerError(f"step list {problem}")
         if isinstance(intent, (StreamStart, PromptUpdate)) and not intent.prompt.strip():
             raise PlannerError("a prompt must not be empty")
         self._pending.append(intent)
@@ -148,7 +149,7 @@ class Planner:
             kv_cache_attention_bias=self._bias,
             denoising_step_list=steps,
             recompute_mode=mode,
-            anchor_mode=ANCHOR_FOR_MODE[mode],  # type: ignore[arg-type]
+            anchor_mode=ANCHOR_FOR_MODE[mode],
             context_frame_indices=ctx,
             context_source=source,  # type: ignore[arg-type]
             anchor_frame=anchor,
@@ -162,9 +163,9 @@ class Planner:
         self._chunk_in_epoch += 1
         return plan
 
-    def control_ids(self) -> ControlIds:
-        """Consume a call_id for a NOOP / SHUTDOWN / ERROR message."""
-        ids = ControlIds(
+    def control_ids(self) -> ChunkId:
+        """Consume a call_id for a NOOP / SHUTDOWN / ERROR message (the latest chunk's index and epoch)."""
+        ids = ChunkId(
             call_id=self._next_call_id,
             chunk_index=max(0, self._next_chunk_index - 1),
             cache_epoch=max(0, self._epoch),

@@ -23,6 +23,7 @@ import structlog
 import torch
 
 from protocol import (
+    ChunkId,
     ErrorEnvelope,
     InferEnvelope,
     NoopEnvelope,
@@ -34,10 +35,10 @@ from protocol import (
 )
 
 from ppstage.config import PPStageConfig
-from ppstage.errors import ChannelDead, WatchdogExpired
+from ppstage.errors import ChannelDead, PPStageError, UnexpectedMessage, UpstreamFailed, WatchdogExpired
 from ppstage.faults.drills import fault_from_env, out_of_band_reset
 from ppstage.observability.logs import ids_of
-from ppstage.model.digest import tensor_digest
+from ppstage.digests import tensor_digest
 from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step
 from ppstage.model.stage import GeneratorStage
 from ppstage.distributed.topology import MeshComm, Role
@@ -121,12 +122,12 @@ class StageLeader:
                 elif action == "ERROR":
                     return await self._relay_error(msg)
                 else:
-                    raise ProtocolError(f"unexpected {action} while waiting for an envelope", **ids_of(msg))
-        except ProtocolError as exc:
+                    raise UnexpectedMessage(f"unexpected {action} while waiting for an envelope", chunk=msg.id)
+        except (ProtocolError, PPStageError) as exc:
             return await self._terminal(current, exc)
         except Exception as exc:  # a bug or a torch error: still end the chain loudly
             self._log.exception("stage failed")
-            return await self._terminal(current, ProtocolError(f"{type(exc).__name__}: {exc}"))
+            return await self._terminal(current, PPStageError(f"{type(exc).__name__}: {exc}"))
 
     # -- one chunk -----------------------------------------------------------
     async def _chunk(self, env: InferEnvelope, tensors: dict[str, torch.Tensor]) -> None:
@@ -215,7 +216,7 @@ class StageLeader:
     def _end(self, env: InferEnvelope, last_output: torch.Tensor):
         state = self.model.end_chunk()
         if self.relay.active:
-            self.relay.check_digests(self.model.state_digest(), tensor_digest(last_output), ids_of(env))
+            self.relay.check_digests(self.model.state_digest(), tensor_digest(last_output), env.id)
         return state
 
     async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -244,14 +245,14 @@ class StageLeader:
         if item.error is not None:
             raise item.error
         if isinstance(msg, ErrorEnvelope):
-            raise ProtocolError(f"upstream failed: {msg.reason}", **ids_of(msg))
+            raise UpstreamFailed(f"upstream failed: {msg.reason}", chunk=msg.id)
         if not isinstance(msg, StageHop) or (
             msg.cache_epoch, msg.call_id, msg.chunk_index, msg.call_kind, msg.step, msg.target
         ) != (env.cache_epoch, env.call_id, env.chunk_index, kind, step, target):
-            raise ProtocolError(
+            raise UnexpectedMessage(
                 f"expected the {kind} {target} hop of step {step}, got {action_of(msg)} "
                 f"{getattr(msg, 'call_kind', '')} step {getattr(msg, 'step', '')}",
-                **ids_of(msg),
+                chunk=msg.id,
             )
         return item
 
@@ -267,23 +268,20 @@ class StageLeader:
         if not self.last:
             await self._best_effort(self.transport.send(self.next_rank, msg, []))
         elif msg.origin_rank != 0:
-            await self._best_effort(self.transport.send(0, error_result(msg, msg.reason), []))
+            await self._best_effort(self.transport.send(0, error_result(msg.id, msg.reason), []))
         if self.role.handback_dst is not None:
             await self._best_effort(self.transport.send(self.role.handback_dst, msg, []))
         return 1
 
-    async def _terminal(self, current: Any, exc: ProtocolError) -> int:
+    async def _terminal(self, current: Any, exc: ProtocolError | PPStageError) -> int:
         """Invalid input or a broken contract: end the mesh, tell rank 0, exit non-zero."""
-        ids = dict(
-            call_id=exc.call_id if exc.call_id is not None else getattr(current, "call_id", 0),
-            chunk_index=exc.chunk_index if exc.chunk_index is not None else getattr(current, "chunk_index", 0),
-            cache_epoch=exc.cache_epoch if exc.cache_epoch is not None else getattr(current, "cache_epoch", 0),
-        )
+        # The error's own chunk, else the message being handled, else zeros (before any message).
+        chunk = exc.chunk or ChunkId.find(current) or ChunkId(0, 0, 0)
         reason = f"stage {self.role.stage} (rank {self.role.rank}): {type(exc).__name__}: {exc}"
-        self._log.error("stage failed", reason=reason, **ids)
+        self._log.error("stage failed", reason=reason, **chunk.fields())
         if isinstance(exc, ChannelDead):
             return 1  # the link is gone or half-framed: never send on it again
-        err = ErrorEnvelope(reason=reason, origin_rank=self.role.rank, **ids)
+        err = ErrorEnvelope(reason=reason, origin_rank=self.role.rank, **chunk.fields())
         return await self._relay_error(err)
 
     @staticmethod
@@ -321,12 +319,12 @@ class MeshFollower:
                     self.model.begin_chunk(env, tensors["conditioning_embeds"])
                 elif isinstance(msg, StageHop):
                     if env is None or (msg.cache_epoch, msg.call_id) != (env.cache_epoch, env.call_id):
-                        raise ProtocolError("mesh hop without its envelope", **ids_of(msg))
+                        raise UnexpectedMessage("mesh hop without its envelope", chunk=msg.id)
                     t = RECOMPUTE_TIMESTEP if msg.call_kind == "recompute" else float(steps[msg.step])
                     y = self.model.run_call(msg.call_kind, t, next(iter(tensors.values())))
                     if self.model.lifecycle.state.calls_made == env.expected_generator_calls:
                         self.model.end_chunk()
-                        self.relay.check_digests(self.model.state_digest(), tensor_digest(y), ids_of(env))
+                        self.relay.check_digests(self.model.state_digest(), tensor_digest(y), env.id)
                         if self.fault is not None and self.fault.fires("reset_cache_one_rank", env.chunk_index):
                             out_of_band_reset(self.model)  # B6
                 elif isinstance(msg, ShutdownEnvelope):
@@ -335,7 +333,7 @@ class MeshFollower:
                 elif isinstance(msg, ErrorEnvelope):
                     self._log.error("terminal action from leader", reason=msg.reason, **ids_of(msg))
                     return 1
-        except ProtocolError as exc:
+        except (ProtocolError, PPStageError) as exc:
             self._log.error("mesh follower failed", reason=str(exc), error=type(exc).__name__)
             return 1
         except Exception as exc:  # a collective failing because a mesh peer died

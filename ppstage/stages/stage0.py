@@ -38,13 +38,19 @@ from protocol import (
 )
 
 from ppstage.config import PPStageConfig
-from ppstage.errors import StateDivergence, WatchdogExpired
+from ppstage.errors import (
+    GateError,
+    PPStageError,
+    StateDivergence,
+    UnexpectedMessage,
+    UpstreamFailed,
+    WatchdogExpired,
+)
 from ppstage.faults.drills import fault_from_env
 from ppstage.core.gate import EpochGate
 from ppstage.core.lifecycle import CacheLifecycle
 from ppstage.observability.logs import ids_of
-from ppstage.model.digest import tensor_digest
-from ppstage.model.stage import cache_geometry
+from ppstage.digests import tensor_digest
 from ppstage.core.plan import ChunkPlan
 from ppstage.core.planner import Intent, Planner
 from ppstage.model.reference import StreamScript
@@ -99,7 +105,7 @@ class Stage0Actor:
         self.planner = Planner(config)
         self.gate = EpochGate()
         self.stream = StreamInputs(config)
-        self.shadow = CacheLifecycle(cache_geometry(config))
+        self.shadow = CacheLifecycle(config.cache_geometry())
         self.events: dict[int, ChunkEvents] = {}
         self.expected_digest: dict[int, str] = {}
         self.plans: dict[int, ChunkPlan] = {}
@@ -147,11 +153,11 @@ class Stage0Actor:
         try:
             await self._until(producer, tasks)
             await self._drain(tasks)
-            ids = self.planner.control_ids()
-            await self.transport.send(self.leader1, ShutdownEnvelope(**ids_of(ids)), [])
-            self._log.info("shutdown sent", **ids_of(ids))
+            chunk = self.planner.control_ids()
+            await self.transport.send(self.leader1, ShutdownEnvelope(**chunk.fields()), [])
+            self._log.info("shutdown sent", **chunk.fields())
             code, error = 0, None
-        except ProtocolError as exc:
+        except (ProtocolError, PPStageError) as exc:
             code, error = 1, f"{type(exc).__name__}: {exc}"
             self._log.error("pipeline failed", reason=error)
             await self._send_error(error)
@@ -201,7 +207,7 @@ class Stage0Actor:
             if plan.init_cache and k > 0:
                 self._log.info("hard cut", forced=plan.forced_cut, **ids_of(plan))
             await self._wait(lambda: self._inputs_ready(plan))
-            ev = ChunkEvents(chunk_index=plan.chunk_index, call_id=plan.call_id, cache_epoch=plan.cache_epoch)
+            ev = ChunkEvents(**plan.id.fields())
             self.events[plan.chunk_index] = ev
             ev.build_start = time.perf_counter()
             inputs = self.stream.chunk_inputs(plan)
@@ -252,9 +258,9 @@ class Stage0Actor:
             if item.error is not None:
                 raise item.error
             if isinstance(msg, ErrorEnvelope):
-                raise ProtocolError(f"pipeline reported: {msg.reason}", **ids_of(msg))
+                raise UpstreamFailed(f"pipeline reported: {msg.reason}", chunk=msg.id)
             if not isinstance(msg, ChunkResult):
-                raise ProtocolError(f"unexpected {action_of(msg)} on the result link", **ids_of(msg))
+                raise UnexpectedMessage(f"unexpected {action_of(msg)} on the result link", chunk=msg.id)
             latents = item.tensors.get("latents_out")
             verdict = self.gate.admit(msg)
             ev = self.events.get(msg.chunk_index)
@@ -306,7 +312,7 @@ class Stage0Actor:
 
     def _check_result(self, msg: ChunkResult, latents: torch.Tensor) -> None:
         if tensor_digest(latents) != msg.output_digest:
-            raise DigestMismatch("latents_out does not match the output digest", **ids_of(msg))
+            raise DigestMismatch("latents_out does not match the output digest", chunk=msg.id)
         want = self.expected_digest.pop(msg.call_id)
         plan = self.plans[msg.call_id]
         for s in msg.stages:
@@ -314,10 +320,10 @@ class Stage0Actor:
                 raise StateDivergence(
                     f"stage {s.stage} reports lifecycle state {s.state_digest[:8]} at start frame "
                     f"{s.current_start_frame}; rank 0's plan gives {want[:8]} at {plan.current_start_frame}",
-                    **ids_of(msg),
+                    chunk=msg.id,
                 )
         if len(msg.stages) != self.role.num_stages:
-            raise ProtocolError(f"{len(msg.stages)} stage reports, expected {self.role.num_stages}", **ids_of(msg))
+            raise GateError(f"{len(msg.stages)} stage reports, expected {self.role.num_stages}", chunk=msg.id)
 
     async def _decode(self) -> None:
         loop = asyncio.get_running_loop()
@@ -359,7 +365,7 @@ class Stage0Actor:
         ev.outcome = "flushed"
         self.flushed += 1
         self._progress.set()
-        self._log.info("decode flushed by hard cut", chunk_index=ev.chunk_index, cache_epoch=ev.cache_epoch)
+        self._log.info("decode flushed by hard cut", **ids_of(ev))
 
     # -- liveness and shutdown ---------------------------------------------------
     async def _keepalive(self) -> None:
@@ -370,8 +376,8 @@ class Stage0Actor:
                 continue
             if self.fault is not None and self.fault.kind == "no_keepalives":
                 continue  # the control case of the keepalive test: the stages' watchdogs must fire
-            ids = self.planner.control_ids()
-            await self.transport.send(self.leader1, NoopEnvelope(**ids_of(ids)), [])
+            chunk = self.planner.control_ids()
+            await self.transport.send(self.leader1, NoopEnvelope(**chunk.fields()), [])
             self._last_send = time.monotonic()
 
     async def _drain(self, tasks: list[asyncio.Future]) -> None:
@@ -388,10 +394,10 @@ class Stage0Actor:
             ) from None
 
     async def _send_error(self, reason: str) -> None:
-        ids = self.planner.control_ids()
+        chunk = self.planner.control_ids()
         try:
             await asyncio.wait_for(
-                self.transport.send(self.leader1, ErrorEnvelope(reason=reason, origin_rank=0, **ids_of(ids)), []),
+                self.transport.send(self.leader1, ErrorEnvelope(reason=reason, origin_rank=0, **chunk.fields()), []),
                 timeout=2.0,
             )
         except Exception:  # the chain may already be gone; the error was logged
