@@ -125,6 +125,34 @@ def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
 
     Only the message's own tensor specs are checked here; the transport checks
     the actual tensors against them before sending the header.
+
+    Parameters
+    ----------
+    msg : WireMessage
+        Any wire message of this build's ``PROTOCOL_VERSION``, with at most
+        ``MAX_TENSORS`` tensor specs (dtype whitelisted, ``nbytes`` equal to
+        ``prod(shape) * itemsize``, at most 1 GiB each).
+
+    Returns
+    -------
+    header : bytes
+        ``HEADER_SIZE`` (40) bytes: magic, version, action code, tensor count,
+        the three ids (int64, little-endian), metadata length, CRC32 over
+        header and metadata.
+    metadata : bytes
+        Canonical msgpack of ``msg`` (deterministic: the same message gives
+        the same bytes), at most ``MAX_META_BYTES`` (1 MiB).
+
+    Raises
+    ------
+    UnsupportedVersion
+        ``msg.version`` is not ``PROTOCOL_VERSION``.
+    TensorSpecError
+        A tensor spec is inconsistent.
+    FramingError
+        Too many tensors, metadata too long, or an id outside int64.
+    MetadataError
+        A field cannot be serialised.
     """
     action = action_of(msg)
     if msg.version != PROTOCOL_VERSION:
@@ -155,7 +183,29 @@ def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
 
 
 def parse_header(buf: bytes | bytearray | memoryview) -> Header:
-    """Check and unpack a fixed header. Never trusts a length before bounding it."""
+    """Check and unpack a fixed header. Never trusts a length before bounding it.
+
+    Parameters
+    ----------
+    buf : bytes-like
+        Exactly ``HEADER_SIZE`` (40) bytes, as received.
+
+    Returns
+    -------
+    Header
+        The unpacked fields; ``meta_len`` is in ``(0, MAX_META_BYTES]`` and
+        ``tensor_count`` at most ``MAX_TENSORS``, so the caller may size its
+        metadata receive from them. ``header.id`` is the declared ``ChunkId``.
+
+    Raises
+    ------
+    FramingError
+        Wrong length, bad magic, tensor count or metadata length out of bounds.
+    UnsupportedVersion
+        Another protocol major version.
+    UnknownAction
+        An action code this build does not know.
+    """
     if len(buf) != HEADER_SIZE:
         raise FramingError(f"header is {len(buf)} bytes, expected {HEADER_SIZE}")
     magic, version, code, count, call_id, chunk_index, epoch, meta_len, checksum = _HEADER.unpack(
@@ -179,7 +229,38 @@ def parse_header(buf: bytes | bytearray | memoryview) -> Header:
 
 
 def decode_metadata(header: Header, header_bytes: bytes, meta: bytes | memoryview) -> WireMessage:
-    """Decode metadata that followed ``header``; checks checksum and identity."""
+    """Decode the metadata that followed ``header``; checks checksum, identity and specs.
+
+    Parameters
+    ----------
+    header : Header
+        What ``parse_header(header_bytes)`` returned.
+    header_bytes : bytes
+        The raw header (the checksum covers it).
+    meta : bytes-like
+        Exactly ``header.meta_len`` bytes of metadata.
+
+    Returns
+    -------
+    WireMessage
+        The typed message. Its version, action, ids and tensor count equal the
+        header's, and its tensor specs are self-consistent, so a receiver may
+        allocate tensor buffers from them (``nbytes`` each, in order). Not yet
+        checked against cross-field invariants: call ``validate`` next.
+
+    Raises
+    ------
+    FramingError
+        Length or checksum mismatch, or the metadata disagrees with the header.
+    UnknownAction
+        An unknown message tag.
+    MetadataError
+        Not msgpack, or not a known wire type.
+    UnsupportedVersion
+        The metadata's version differs from the header's.
+    TensorSpecError
+        A tensor spec is inconsistent.
+    """
     if not isinstance(meta, bytes):
         meta = bytes(meta)
     if len(meta) != header.meta_len:

@@ -44,7 +44,28 @@ class WireGeometry(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def validate(msg: WireMessage, geometry: WireGeometry | None = None) -> None:
-    """Raise ``InvariantViolation`` unless every invariant of ``msg`` holds."""
+    """Raise ``InvariantViolation`` unless every cross-field invariant of ``msg`` holds.
+
+    Called by the sender before framing and by every receiver before it acts
+    on a message (docs/protocol.md lists the invariants per type). Pure and
+    cheap on the passing path; the error carries ``msg``'s ``ChunkId``.
+
+    Parameters
+    ----------
+    msg : WireMessage
+        A decoded (or about to be encoded) message.
+    geometry : WireGeometry, optional
+        The receiver's own shapes (``config.wire_geometry()``): latent
+        ``(num_frames, latent_channels, height, width)`` float32, conditioning
+        ``(text_tokens, text_dim)`` float32, hidden ``(tokens, hidden_dim)``
+        float32 with ``tokens`` a multiple of ``tokens_per_frame``, at most
+        ``max_context_frames`` context frames. None checks structure only.
+
+    Raises
+    ------
+    InvariantViolation
+        The first invariant that does not hold, named in the message.
+    """
 
     def fail(text: str) -> None:  # the identity is built only when failing (hot path)
         raise InvariantViolation(text, chunk=ChunkId.of(msg))

@@ -53,6 +53,15 @@ class Verdict(msgspec.Struct, frozen=True):
 
 
 class EpochGate:
+    """Decides which results rank 0 may decode and emit (see the module docstring).
+
+    Usage: ``expect(plan)`` for every plan in send order, then ``admit(result)``
+    for every result received, in arrival order. ``accepted`` counts accepted
+    results, ``dropped`` counts drops by reason (``"stale_epoch"``,
+    ``"duplicate"``); ``statistics()`` reports both and the number in flight.
+    Pure: no I/O, no clock, not thread-safe (rank 0's event loop owns it).
+    """
+
     def __init__(self) -> None:
         self._epoch = -1
         self._outstanding: OrderedDict[int, Outstanding] = OrderedDict()
@@ -72,7 +81,19 @@ class EpochGate:
         return sum(1 for o in self._outstanding.values() if o.cache_epoch == self._epoch)
 
     def expect(self, plan: ChunkPlan) -> None:
-        """Register a plan that is about to be sent; a hard cut moves the epoch."""
+        """Register a plan that is about to be sent; a hard cut moves the epoch.
+
+        Parameters
+        ----------
+        plan : ChunkPlan
+            The next plan, in ``call_id`` order. ``init_cache`` plans must move
+            to a later ``cache_epoch``; others must be of the gate's epoch.
+
+        Raises
+        ------
+        GateError
+            The plan is out of ``call_id`` order or of the wrong epoch.
+        """
         if plan.init_cache:
             if plan.cache_epoch <= self._epoch:
                 raise GateError(
@@ -90,7 +111,35 @@ class EpochGate:
         )
 
     def admit(self, result: ChunkResult) -> Verdict:
-        """Accept or drop ``result``; raise ``GateError`` for a broken contract."""
+        """Accept or drop ``result``; raise for a broken contract.
+
+        Parameters
+        ----------
+        result : ChunkResult
+            A received (validated) result.
+
+        Returns
+        -------
+        Verdict
+            ``accepted=True`` with the ``Outstanding`` plan it answers, or
+            ``accepted=False`` with ``reason`` ``"stale_epoch"`` (an older epoch)
+            or ``"duplicate"`` (already accepted). Drops are idempotent.
+
+        Raises
+        ------
+        FutureResult
+            The result is of a later epoch or a call never planned.
+        OutOfOrderResult
+            An older result of the current epoch is still owed.
+        RemoteStageError
+            The result is an error result (``ok=False``).
+        CallCountMismatch
+            ``observed_generator_calls`` differs from the plan's.
+        MissingTensor
+            An ok result without ``latents_out``.
+        GateError
+            ``chunk_index`` differs from the plan's (the base of all the above).
+        """
         chunk = result.id
         if result.cache_epoch < self._epoch:
             owed = self._outstanding.get(result.call_id)

@@ -154,6 +154,39 @@ class CacheLifecycle:
 
     # -- transitions -------------------------------------------------------
     def begin_chunk(self, plan: LifecyclePlan) -> ChunkWindow:
+        """Start the chunk ``plan`` describes: check the transition, decide resets, rebuild and roll.
+
+        Parameters
+        ----------
+        plan : LifecyclePlan
+            A ``ChunkPlan`` (rank 0, the reference) or an ``InferEnvelope`` (stages).
+            Read: ``call_id`` / ``chunk_index`` (each strictly greater than the
+            last chunk's), ``cache_epoch`` (+1 exactly at a hard cut, else
+            unchanged), ``current_start_frame`` (latent frames; 0 at a hard cut,
+            else where the last chunk ended), the reset and recompute flags,
+            ``num_denoise_steps``, ``expected_generator_calls``
+            (``(1 if do_kv_recompute else 0) + num_denoise_steps``),
+            ``context_frame_indices`` (latent frames, strictly increasing,
+            before the chunk, iff recompute) and ``kv_cache_attention_bias``
+            (a positive float; 1.0 = no bias).
+
+        Returns
+        -------
+        ChunkWindow
+            What the tensor cache must do, all indices in tokens: the resets,
+            the recompute rebuild ``[0, recompute.local_end)``, ``roll_tokens``
+            to evict after the sinks, the write window ``[write_start,
+            write_end)`` every call of the chunk overwrites and ``bias_keys``.
+            Also kept as ``self.window`` until ``end_chunk``.
+
+        Raises
+        ------
+        IllegalTransition
+            A chunk is still in progress, or the plan breaks a rule of SPEC
+            section 3 (ids not increasing, epoch skip, wrong start frame,
+            context that does not fit the window, eviction of sink frames).
+            The state is unchanged then.
+        """
         s, g = self._state, self.geometry
         chunk = ChunkId.of(plan)
 
@@ -251,7 +284,28 @@ class CacheLifecycle:
         return window
 
     def record_call(self, kind: CallKind) -> int:
-        """Count one generator call; returns its index within the chunk."""
+        """Count one generator call of the chunk in progress, before it runs.
+
+        Parameters
+        ----------
+        kind : {"recompute", "denoise"}
+            ``"recompute"`` only as the first call of a chunk that planned one;
+            ``"denoise"`` for each of the ``num_denoise_steps`` calls after it.
+
+        Returns
+        -------
+        int
+            The call's index within the chunk, from 0.
+
+        Raises
+        ------
+        IllegalTransition
+            No chunk is in progress, or ``kind`` is unknown.
+        CallCountMismatch
+            The call is not the one planned next (an unplanned or late
+            recompute, a denoise before the planned recompute, one call more
+            than ``expected_generator_calls``).
+        """
         s = self._state
         chunk = s.last_chunk
         if not s.in_chunk:
@@ -272,7 +326,23 @@ class CacheLifecycle:
         return s.calls_made
 
     def end_chunk(self) -> LifecycleState:
-        """Advance pointers once; refuses unless exactly the planned calls ran."""
+        """Close the chunk in progress and advance the cache pointers, once per chunk.
+
+        Returns
+        -------
+        LifecycleState
+            The new state: ``local_end_index`` / ``global_end_index`` (tokens)
+            at the end of the chunk's write window, ``next_start_frame`` one
+            chunk on. Its ``digest()`` is what every rank compares.
+
+        Raises
+        ------
+        IllegalTransition
+            No chunk is in progress.
+        CallCountMismatch
+            Fewer generator calls ran than the plan's ``expected_generator_calls``
+            (the chunk stays open).
+        """
         s = self._state
         chunk = s.last_chunk
         if not s.in_chunk or self._window is None:

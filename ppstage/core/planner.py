@@ -61,6 +61,14 @@ class PlannerError(PPStageError):
 
 
 class Planner:
+    """Rank 0's maker of every lifecycle decision (see the module docstring).
+
+    Parameters
+    ----------
+    config : PPStageConfig
+        Chunk size, RoPE limit, recompute mode and cadence, default step list and seed.
+    """
+
     def __init__(self, config: PPStageConfig) -> None:
         self.config = config
         self._pending: list[Intent] = []
@@ -90,7 +98,27 @@ class Planner:
         self._pending.append(intent)
 
     def next_chunk(self) -> ChunkPlan:
-        """Apply pending intents at this boundary and plan the next chunk."""
+        """Apply the pending intents at this chunk boundary and plan the next chunk.
+
+        A ``StreamStart`` or ``HardCut`` starts a new epoch (``init_cache``, frame 0);
+        so does running out of the RoPE table (``forced_cut``). Otherwise the
+        chunk continues the epoch, with a recompute every ``recompute.cadence``
+        chunks unless the mode is ``r1``. Pure: no I/O, no clock.
+
+        Returns
+        -------
+        ChunkPlan
+            Immutable. ``call_id`` and ``chunk_index`` strictly increase;
+            ``current_start_frame`` and ``context_frame_indices`` are in latent
+            frames; ``denoising_step_list`` holds integer timesteps in
+            ``(0, 1000]``, strictly decreasing; ``expected_generator_calls`` is
+            ``(1 if do_kv_recompute else 0) + num_denoise_steps``.
+
+        Raises
+        ------
+        PlannerError
+            No stream: no ``StreamStart`` was ever submitted.
+        """
         cut = False
         prompt_changed = False
         for intent in self._pending:

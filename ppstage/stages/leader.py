@@ -102,6 +102,28 @@ class StageLeader:
             self._log.info("sigterm: waiting for SHUTDOWN from rank 0")
 
     async def run(self) -> int:
+        """Serve envelopes from upstream until ``SHUTDOWN`` or a terminal error.
+
+        Per ``INFER``: forward it (unless last), run the chunk's generator
+        calls over this stage's layers, in lockstep with the mesh, hop hidden
+        states to the next leader and, on the last stage, send the result to
+        rank 0. ``NOOP`` and ``SHUTDOWN`` are relayed down the chain and into
+        the mesh. Every wait has a deadline (``runtime.stage_idle_deadline_s``;
+        after SIGTERM at most ``runtime.drain_deadline_s``).
+
+        Returns
+        -------
+        int
+            The process exit code: 0 after relaying ``SHUTDOWN``, 1 after a
+            terminal ``ERROR`` (received, or raised here and then published
+            into the mesh and sent on, naming the chunk).
+
+        Raises
+        ------
+        Nothing: a ``ProtocolError`` (an invalid message), a ``PPStageError``
+        (illegal transition, call count, watchdog, dead channel, ...) or any
+        other exception becomes the terminal ``ERROR`` and exit code 1.
+        """
         current: Any = None
         try:
             while True:

@@ -143,6 +143,29 @@ class Stage0Actor:
 
     # -- main ----------------------------------------------------------------
     async def run(self) -> Stage0Outcome:
+        """Stream ``chunks`` chunks through the pipeline, then drain and shut it down.
+
+        Runs on the event loop that owns the transport: the producer (plan,
+        build inputs, send within ``runtime.d_in`` credit), the receiver
+        (epoch gate, checks against the shadow lifecycle), the decoder (a
+        worker thread, ``runtime.d_out`` queue) and keepalives run as tasks.
+        After the last chunk (or ``on_sigterm``) it drains every owed result
+        and decode within ``runtime.drain_deadline_s`` and sends ``SHUTDOWN``.
+
+        Returns
+        -------
+        Stage0Outcome
+            ``exit_code`` 0 after an orderly shutdown, 1 after any failure;
+            ``summary`` (fps, periods in seconds, drops by reason), the
+            per-chunk ``events`` and, on failure, ``error`` as
+            ``"TypeName: message (call_id=.., chunk_index=.., cache_epoch=..)"``.
+
+        Raises
+        ------
+        Nothing: every ``ProtocolError``, ``PPStageError`` (watchdog, gate,
+        digest, channel) or unexpected exception ends the run with exit code
+        1, after an ``ERROR`` was sent down the chain (best effort, 2 s).
+        """
         t_start = time.perf_counter()
         tasks = [
             asyncio.ensure_future(self._receive()),
