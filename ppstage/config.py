@@ -384,10 +384,10 @@ def _explain(exc: msgspec.ValidationError, data: Any) -> str:
     """msgspec's ``Expected `float` > 0.0 - at `$.runtime.pg_timeout_s``` as
     ``runtime.pg_timeout_s: must be > 0, got -1``; a ``__post_init__`` rule's
     own message (it names its keys) as is."""
-    m = _AT.match(str(exc))
-    what, path = (m["what"], m["path"]) if m else (str(exc), None)
     if isinstance(exc.__cause__, ConfigError):
         return str(exc.__cause__)
+    m = _AT.match(str(exc))
+    what, path = (m["what"], m["path"]) if m else (str(exc), None)
     key = (path or "").lstrip(".")
     if what.startswith("Object contains unknown field"):
         field = what.rsplit(" ", 1)[-1]

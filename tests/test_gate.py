@@ -261,3 +261,12 @@ def test_plans_must_be_registered_in_call_id_order():
     gate.expect(p1)
     with pytest.raises(GateError, match="call_id order"):
         gate.expect(p1)
+
+
+def test_the_oldest_owed_result_names_the_chunk_a_watchdog_reports():
+    s = Stream()
+    assert s.gate.oldest_owed() is None
+    p0, p1 = s.send(), s.send()
+    assert s.gate.oldest_owed() == p0.id
+    s.gate.admit(result_for(p0))
+    assert s.gate.oldest_owed() == p1.id

@@ -77,6 +77,10 @@ class EpochGate:
         """Results still owed by the pipeline, of any epoch (each must be received)."""
         return len(self._outstanding)
 
+    def oldest_owed(self) -> ChunkId | None:
+        """The identity of the oldest result still owed (None when nothing is in flight)."""
+        return next(iter(self._outstanding.values())).id if self._outstanding else None
+
     def in_flight_current(self) -> int:
         return sum(1 for o in self._outstanding.values() if o.cache_epoch == self._epoch)
 

@@ -245,7 +245,7 @@ class StageLeader:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     # -- receiving with deadlines -----------------------------------------------
-    async def _next(self, queue: asyncio.Queue[Inbound], what: str) -> Inbound:
+    async def _next(self, queue: asyncio.Queue[Inbound], what: str, chunk: ChunkId | None = None) -> Inbound:
         deadline = self._idle_s
         if self._drain_by is not None:
             deadline = min(deadline, self._drain_by - time.monotonic())
@@ -258,11 +258,13 @@ class StageLeader:
         if self.fatal in done:
             raise self.fatal.result()
         if self._drain_by is not None and time.monotonic() >= self._drain_by:
-            raise WatchdogExpired("SIGTERM received and no SHUTDOWN arrived within the drain deadline")
-        raise WatchdogExpired(f"no message within {self._idle_s:.1f}s while waiting for {what}")
+            raise WatchdogExpired(
+                "SIGTERM received and no SHUTDOWN arrived within the drain deadline", chunk=chunk
+            )
+        raise WatchdogExpired(f"no message within {self._idle_s:.1f}s while waiting for {what}", chunk=chunk)
 
     async def _hop(self, queue, env: InferEnvelope, kind: str, step: int, target: str) -> Inbound:
-        item = await self._next(queue, f"the {kind} hop of step {step}")
+        item = await self._next(queue, f"the {kind} hop of step {step}", env.id)
         msg = item.msg
         if item.error is not None:
             raise item.error

@@ -330,7 +330,8 @@ class Stage0Actor:
             deadline = self.deadline.deadline_s()
             if self.gate.in_flight() and time.monotonic() - self._owed_since > deadline:
                 raise WatchdogExpired(
-                    f"no result within {deadline:.1f}s with {self.gate.in_flight()} chunk(s) in flight"
+                    f"no result within {deadline:.1f}s with {self.gate.in_flight()} chunk(s) in flight",
+                    chunk=self.gate.oldest_owed(),
                 )
 
     def _check_result(self, msg: ChunkResult, latents: torch.Tensor) -> None:
@@ -413,7 +414,8 @@ class Stage0Actor:
         except asyncio.TimeoutError:
             raise WatchdogExpired(
                 f"drain missed its {budget:.1f}s deadline: {self.gate.in_flight()} result(s) in flight, "
-                f"{self._decode_q.qsize()} awaiting decode"
+                f"{self._decode_q.qsize()} awaiting decode",
+                chunk=self.gate.oldest_owed(),
             ) from None
 
     async def _send_error(self, reason: str) -> None:
