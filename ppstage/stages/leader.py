@@ -118,9 +118,9 @@ class StageLeader:
             terminal ``ERROR`` (received, or raised here and then published
             into the mesh and sent on, naming the chunk).
 
-        Raises
-        ------
-        Nothing: a ``ProtocolError`` (an invalid message), a ``PPStageError``
+        Notes
+        -----
+        Never raises: a ``ProtocolError`` (an invalid message), a ``PPStageError``
         (illegal transition, call count, watchdog, dead channel, ...) or any
         other exception becomes the terminal ``ERROR`` and exit code 1.
         """

@@ -160,9 +160,9 @@ class Stage0Actor:
             per-chunk ``events`` and, on failure, ``error`` as
             ``"TypeName: message (call_id=.., chunk_index=.., cache_epoch=..)"``.
 
-        Raises
-        ------
-        Nothing: every ``ProtocolError``, ``PPStageError`` (watchdog, gate,
+        Notes
+        -----
+        Never raises: every ``ProtocolError``, ``PPStageError`` (watchdog, gate,
         digest, channel) or unexpected exception ends the run with exit code
         1, after an ``ERROR`` was sent down the chain (best effort, 2 s).
         """
