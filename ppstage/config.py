@@ -3,41 +3,122 @@
 Loaded from TOML (``PPStageConfig.from_toml``), overridable by CLI flags
 (``with_overrides``), and reduced to a canonical digest for the start-up
 parity handshake: every rank must resolve exactly the same config.
+
+Constraints live in the types (msgspec ``Meta``: durations > 0, queue depths
+>= 1, ...) and cross-field rules in ``__post_init__``; either way a bad value
+is refused at load with a ``ConfigError`` naming its key path, e.g.
+``runtime.pg_timeout_s: must be > 0, got -1``.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
-from protocol import WireGeometry, digest_bytes
+from protocol import RecomputeMode, WireGeometry, digest_bytes
 
-RecomputeMode = Literal["r1", "r0a", "r0"]
+from ppstage.errors import PPStageError
+
+__all__ = [
+    "CacheConfig",
+    "CacheGeometry",
+    "ConfigError",
+    "DenoiseConfig",
+    "ModelConfig",
+    "PPStageConfig",
+    "RecomputeConfig",
+    "RecomputeMode",
+    "RuntimeConfig",
+    "TopologyConfig",
+    "step_list_problem",
+]
+
+# Bounded number types: msgspec checks them while converting, so no value
+# outside them ever reaches a ``__post_init__`` or the runtime.
+Count = Annotated[int, Meta(ge=1)]
+"""A size or count that must be at least 1 (layers, frames, queue depth)."""
+NonNegative = Annotated[int, Meta(ge=0)]
+Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+Seconds = Annotated[float, Meta(gt=0, le=86_400)]
+"""A duration in seconds: > 0 (0 would mean "fail at once"), at most a day."""
+Millis = Annotated[float, Meta(ge=0, le=60_000)]
+"""A simulated cost in milliseconds: 0 (off) up to a minute."""
+
+MAX_TIMESTEP = 1000
 
 
-class ConfigError(ValueError):
-    """A config value is missing, malformed or inconsistent with another."""
+class ConfigError(PPStageError, ValueError):
+    """A config value is missing, malformed or inconsistent with another (names the key path)."""
+
+
+def step_list_problem(steps: Sequence[int]) -> str | None:
+    """Why ``steps`` is not a valid denoising step list, or None if it is.
+
+    The one rule for config (``denoise.step_list``) and the planner's
+    ``StepListChange`` intent: non-empty, integer timesteps in ``(0, 1000]``,
+    strictly decreasing (so no timestep twice).
+    """
+    steps = list(steps)
+    if not steps:
+        return "must hold at least one timestep"
+    if any(type(t) is not int or not 0 < t <= MAX_TIMESTEP for t in steps):
+        return f"timesteps must be integers in (0, {MAX_TIMESTEP}], got {steps}"
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        return f"must be strictly decreasing, got {steps}"
+    return None
+
+
+class CacheGeometry(msgspec.Struct, frozen=True, kw_only=True):
+    """The KV-cache window in frames and tokens (``PPStageConfig.cache_geometry()``).
+
+    Attributes
+    ----------
+    window_frames, sink_frames, chunk_frames : int
+        Window, sink and chunk sizes in latent frames (``[cache]``).
+    tokens_per_frame : int
+        Tokens of one latent frame (``model.tokens_per_frame``).
+    """
+
+    window_frames: int
+    sink_frames: int
+    tokens_per_frame: int
+    chunk_frames: int
+
+    @property
+    def capacity(self) -> int:
+        return self.window_frames * self.tokens_per_frame
+
+    @property
+    def sink_tokens(self) -> int:
+        return self.sink_frames * self.tokens_per_frame
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.chunk_frames * self.tokens_per_frame
 
 
 class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Sizes of the embedded causal generator (and of any model behind the backends)."""
 
-    latent_channels: int = 4
-    latent_height: int = 8
-    latent_width: int = 8
-    patch_size: int = 2
-    dim: int = 64
-    heads: int = 4
-    layers: int = 8
-    mlp_ratio: int = 4
-    text_tokens: int = 8
-    text_dim: int = 32
-    vae_scale: int = 8
-    seed: int = 0
-    rope_max_frames: int = 1024
+    latent_channels: Count = 4
+    latent_height: Count = 8
+    latent_width: Count = 8
+    patch_size: Count = 2
+    dim: Count = 64
+    heads: Count = 4
+    layers: Count = 8
+    mlp_ratio: Count = 4
+    text_tokens: Count = 8
+    text_dim: Count = 32
+    vae_scale: Count = 8
+    seed: Seed = 0
+    rope_max_frames: Count = 1024
     # "toy" (the embedded model), an entry point of group ``ppstage.backends``,
     # or "package.module:factory" (ppstage/model/loader.py, docs/models.md).
     backend: str = "toy"
@@ -46,11 +127,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         if not self.backend.strip() or self.backend.count(":") > 1 or self.backend.strip(":") != self.backend:
             raise ConfigError(f"model.backend = {self.backend!r}: expected a name or 'package.module:factory'")
         if self.latent_height % self.patch_size or self.latent_width % self.patch_size:
-            raise ConfigError("latent height and width must be multiples of patch_size")
+            raise ConfigError("model.latent_height and model.latent_width must be multiples of model.patch_size")
         if self.dim % self.heads or (self.dim // self.heads) % 2:
-            raise ConfigError("dim must split into heads of even size (rotary pairs)")
-        if self.layers < 1:
-            raise ConfigError("the model needs at least one layer")
+            raise ConfigError("model.dim must split into model.heads heads of even size (rotary pairs)")
 
     @property
     def tokens_per_frame(self) -> int:
@@ -60,17 +139,16 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """KV-cache window (in latent frames) and chunking."""
 
-    window_frames: int = 6
-    sink_frames: int = 1
-    chunk_frames: int = 3
+    window_frames: Count = 6
+    sink_frames: NonNegative = 1
+    chunk_frames: Count = 3
 
     def __post_init__(self) -> None:
-        if self.chunk_frames < 1:
-            raise ConfigError("chunk_frames must be at least 1")
-        if not 0 <= self.sink_frames:
-            raise ConfigError("sink_frames must be >= 0")
         if self.window_frames < self.sink_frames + self.chunk_frames + 1:
-            raise ConfigError("window_frames must hold the sinks, one past frame and a chunk")
+            raise ConfigError(
+                f"cache.window_frames: must hold the sinks, one past frame and a chunk "
+                f"(>= {self.sink_frames + self.chunk_frames + 1}), got {self.window_frames}"
+            )
 
     @property
     def max_context_frames(self) -> int:
@@ -87,43 +165,40 @@ class RecomputeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     """
 
     mode: RecomputeMode = "r0a"
-    cadence: int = 1
-    context_frames: int = 3
-    decoded_buffer_frames: int = 6
+    cadence: Count = 1
+    # The anchor and at least one recent frame.
+    context_frames: Annotated[int, Meta(ge=2)] = 3
+    decoded_buffer_frames: Count = 6
     r0_quality_report: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.cadence < 1:
-            raise ConfigError("recompute cadence must be >= 1")
-        if self.context_frames < 2:
-            raise ConfigError("context_frames must hold the anchor and at least one recent frame")
 
 
 class DenoiseConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The denoising schedule: timesteps per chunk (``step_list_problem`` says which are valid)."""
+
     step_list: tuple[int, ...] = (1000, 750, 500, 250)
-    shift: float = 5.0
-    base_seed: int = 42
+    shift: Annotated[float, Meta(gt=0, le=1_000)] = 5.0
+    base_seed: Seed = 42
 
     def __post_init__(self) -> None:
-        if not self.step_list or any(not 0 < s <= 1000 for s in self.step_list):
-            raise ConfigError("step_list must be non-empty timesteps in (0, 1000]")
-        if list(self.step_list) != sorted(self.step_list, reverse=True):
-            raise ConfigError("step_list must be strictly decreasing")
+        problem = step_list_problem(self.step_list)
+        if problem is not None:
+            raise ConfigError(f"denoise.step_list: {problem}")
 
 
 class TopologyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """World = rank 0 + stages x tp ranks. ``layer_ranges`` overrides the even split."""
 
-    stages: int = 2
-    tp: int = 1
-    layer_ranges: tuple[tuple[int, int], ...] | None = None
+    stages: Count = 2
+    tp: Count = 1
+    layer_ranges: tuple[tuple[NonNegative, NonNegative], ...] | None = None
     backend: Literal["gloo", "nccl"] = "gloo"
 
     def __post_init__(self) -> None:
-        if self.stages < 1 or self.tp < 1:
-            raise ConfigError("stages and tp must be >= 1")
         if self.layer_ranges is not None and len(self.layer_ranges) != self.stages:
-            raise ConfigError("layer_ranges needs one [start, end) per stage")
+            raise ConfigError(
+                f"topology.layer_ranges: needs one [start, end) per stage ({self.stages}), "
+                f"got {len(self.layer_ranges)}"
+            )
 
     @property
     def world_size(self) -> int:
@@ -131,27 +206,40 @@ class TopologyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Queue depths, deadlines and simulated costs of the distributed runtime."""
+    """Queue depths, deadlines and simulated costs of the distributed runtime.
 
-    d_in: int = 2
-    d_out: int = 2
-    pg_timeout_s: float = 30.0
-    result_deadline_min_s: float = 5.0
-    result_deadline_factor: float = 10.0
-    stage_idle_deadline_s: float = 6.0
-    keepalive_interval_s: float = 1.0
-    drain_deadline_s: float = 10.0
-    simulated_decode_ms: float = 0.0
-    simulated_call_ms: float = 0.0
+    Two backend timeouts, kept apart as torchtitan keeps them
+    (``init_timeout_seconds`` / ``train_timeout_seconds``): ``startup_timeout_s``
+    bounds the rendezvous and the first collective (the parity handshake), where
+    ranks on different nodes may start minutes apart; ``pg_timeout_s`` bounds
+    every later collective and every started frame, where a peer that takes
+    longer than seconds is dead. The steady-state groups are created only after
+    the parity handshake has passed on every rank (``build_groups``), so the
+    short timeout never applies to a rank that is merely late to start.
+    """
+
+    d_in: Count = 2
+    d_out: Count = 2
+    startup_timeout_s: Seconds = 600.0
+    pg_timeout_s: Seconds = 30.0
+    result_deadline_min_s: Seconds = 5.0
+    # Deadline = factor x median chunk period: below 1 it would fire on a typical chunk.
+    result_deadline_factor: Annotated[float, Meta(ge=1, le=1_000)] = 10.0
+    stage_idle_deadline_s: Seconds = 6.0
+    keepalive_interval_s: Seconds = 1.0
+    drain_deadline_s: Seconds = 10.0
+    simulated_decode_ms: Millis = 0.0
+    simulated_call_ms: Millis = 0.0
     # Adds one mesh all_reduce per chunk (tp > 1): a flag that changes the
     # communication count, so every rank must agree on it (parity handshake).
     debug_extra_collective: bool = False
 
     def __post_init__(self) -> None:
-        if self.d_in < 1 or self.d_out < 1:
-            raise ConfigError("queue depths must be >= 1")
         if self.keepalive_interval_s >= self.stage_idle_deadline_s:
-            raise ConfigError("keepalives must be more frequent than the stage idle deadline")
+            raise ConfigError(
+                f"runtime.keepalive_interval_s: must be < runtime.stage_idle_deadline_s "
+                f"({self.stage_idle_deadline_s}), got {self.keepalive_interval_s}"
+            )
 
 
 class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -165,15 +253,23 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     def __post_init__(self) -> None:
         if self.recompute.context_frames > self.cache.max_context_frames:
             raise ConfigError(
-                f"recompute.context_frames={self.recompute.context_frames} does not fit the "
+                f"recompute.context_frames: {self.recompute.context_frames} does not fit the "
                 f"window ({self.cache.max_context_frames} frames besides the chunk)"
             )
         if self.recompute.decoded_buffer_frames < self.recompute.context_frames:
-            raise ConfigError("decoded_buffer_frames must be >= context_frames")
+            raise ConfigError(
+                f"recompute.decoded_buffer_frames: must be >= recompute.context_frames "
+                f"({self.recompute.context_frames}), got {self.recompute.decoded_buffer_frames}"
+            )
         if self.model.rope_max_frames < self.cache.chunk_frames * 2:
-            raise ConfigError("rope_max_frames must hold at least two chunks")
+            raise ConfigError(
+                f"model.rope_max_frames: must hold at least two chunks "
+                f"(>= {self.cache.chunk_frames * 2}), got {self.model.rope_max_frames}"
+            )
         if self.topology.tp > 1 and self.model.heads % self.topology.tp:
-            raise ConfigError("heads must divide evenly over the tp degree")
+            raise ConfigError(
+                f"topology.tp: model.heads ({self.model.heads}) must divide evenly over it, got {self.topology.tp}"
+            )
         self.layer_ranges()  # raises on a bad explicit split
 
     # -- derived -----------------------------------------------------------
@@ -185,13 +281,13 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             pos = 0
             for a, b in ranges:
                 if a != pos or b <= a:
-                    raise ConfigError(f"layer_ranges {ranges} must tile [0, {n}) in order")
+                    raise ConfigError(f"topology.layer_ranges: {ranges} must tile [0, {n}) in order")
                 pos = b
             if pos != n:
-                raise ConfigError(f"layer_ranges {ranges} must end at {n}")
+                raise ConfigError(f"topology.layer_ranges: {ranges} must end at {n}")
             return ranges  # type: ignore[return-value]
         if k > n:
-            raise ConfigError(f"{k} stages cannot split {n} layers")
+            raise ConfigError(f"topology.stages: {k} stages cannot split model.layers ({n})")
         base, extra = divmod(n, k)
         out, pos = [], 0
         for i in range(k):
@@ -199,6 +295,15 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             out.append((pos, pos + size))
             pos += size
         return tuple(out)
+
+    def cache_geometry(self) -> CacheGeometry:
+        """The KV-cache window every generator rank (and rank 0's shadow lifecycle) uses."""
+        return CacheGeometry(
+            window_frames=self.cache.window_frames,
+            sink_frames=self.cache.sink_frames,
+            tokens_per_frame=self.model.tokens_per_frame,
+            chunk_frames=self.cache.chunk_frames,
+        )
 
     def wire_geometry(self) -> WireGeometry:
         m = self.model
@@ -242,9 +347,19 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # -- construction ------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PPStageConfig":
+        """Build a config from nested ``{section: {key: value}}`` data (TOML's shape).
+
+        Raises
+        ------
+        ConfigError
+            A key is unknown, a value has the wrong type or breaks a bound or a
+            cross-field rule; the message names the key path.
+        """
         try:
             return msgspec.convert(data, cls)
-        except (msgspec.ValidationError, ConfigError) as exc:
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"invalid config: {_explain(exc, data)}") from exc
+        except ConfigError as exc:
             raise ConfigError(f"invalid config: {exc}") from exc
 
     @classmethod
@@ -264,3 +379,37 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                 raise ConfigError(f"unknown config key {dotted!r}")
             data[section][key] = value
         return self.from_dict(data)
+
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_BOUND = re.compile(r"^Expected `\w+` (?P<bound>[<>]=? \S+)$")
+
+
+def _explain(exc: msgspec.ValidationError, data: Any) -> str:
+    """msgspec's ``Expected `float` > 0.0 - at `$.runtime.pg_timeout_s``` as
+    ``runtime.pg_timeout_s: must be > 0, got -1``; a ``__post_init__`` rule's
+    own message (it names its keys) as is."""
+    if isinstance(exc.__cause__, ConfigError):
+        return str(exc.__cause__)
+    m = _AT.match(str(exc))
+    what, path = (m["what"], m["path"]) if m else (str(exc), None)
+    key = (path or "").lstrip(".")
+    if what.startswith("Object contains unknown field"):
+        field = what.rsplit(" ", 1)[-1]
+        return f"{key}: unknown key {field}" if key else f"unknown section or key {field}"
+    bound = _BOUND.match(what)
+    if bound is not None:
+        limit = re.sub(r"(\d)\.0$", r"\1", bound["bound"])
+        return f"{key}: must be {limit}, got {_lookup(data, key)!r}"
+    text = what[:1].lower() + what[1:]
+    return f"{key}: {text}" if key else text
+
+
+def _lookup(data: Any, path: str) -> Any:
+    """The value at a msgspec path such as ``runtime.d_in`` or ``topology.layer_ranges[1][0]``."""
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        try:
+            data = data[int(part[1:-1])] if part.startswith("[") else data[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return "?"
+    return data

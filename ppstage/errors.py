@@ -1,19 +1,53 @@
-"""Typed errors of the runtime. All carry the chunk identity they concern."""
+"""Typed errors of the runtime, under one root: ``PPStageError``.
+
+A runtime error is not a wire error: ``protocol.ProtocolError`` is for bytes
+and metadata on the wire (framing, decoding, invariants, digests), and
+``PPStageError`` for everything else the runtime refuses (config, lifecycle,
+planner, gate, topology, parity, channels, watchdogs). Both derive from
+``protocol.ChunkError``, so every error carries the ``ChunkId`` it concerns
+(``exc.chunk``, None where no chunk is involved) and names it in ``str()``.
+
+Errors specific to one concern live beside its code and derive from the root:
+``ppstage.config.ConfigError``, ``ppstage.core.planner.PlannerError``,
+``ppstage.distributed.topology.WrongGroup``, ``ppstage.model.stage.StageInputError``,
+``ppstage.model.stream_inputs.StreamInputError``.
+"""
 
 from __future__ import annotations
 
-from protocol import ProtocolError
+from protocol import ChunkError
+
+__all__ = [
+    "CallCountMismatch",
+    "ChannelDead",
+    "FutureResult",
+    "GateError",
+    "IllegalTransition",
+    "MissingTensor",
+    "OutOfOrderResult",
+    "PPStageError",
+    "ParityError",
+    "RemoteStageError",
+    "StateDivergence",
+    "UnexpectedMessage",
+    "UpstreamFailed",
+    "WatchdogExpired",
+]
 
 
-class IllegalTransition(ProtocolError):
+class PPStageError(ChunkError):
+    """Base of every runtime error of ppstage (not about wire bytes: see ``ProtocolError``)."""
+
+
+class IllegalTransition(PPStageError):
     """A plan asks the cache lifecycle for a transition SPEC section 3 does not allow."""
 
 
-class CallCountMismatch(ProtocolError):
+class CallCountMismatch(PPStageError):
     """A stage ran (or reported) a different number of generator calls than planned."""
 
 
-class GateError(ProtocolError):
+class GateError(PPStageError):
     """A result that is not merely stale: the pipeline's contract is broken."""
 
 
@@ -33,17 +67,25 @@ class MissingTensor(GateError):
     """An ok result lacks the tensor it must carry."""
 
 
-class StateDivergence(ProtocolError):
+class StateDivergence(PPStageError):
     """Two ranks that must hold identical lifecycle state report different digests."""
 
 
-class ParityError(ProtocolError):
+class ParityError(PPStageError):
     """Ranks resolved different settings at start-up."""
 
 
-class ChannelDead(ProtocolError):
+class ChannelDead(PPStageError):
     """A point-to-point channel failed, timed out or was half-framed: it is unusable."""
 
 
-class WatchdogExpired(ProtocolError):
+class WatchdogExpired(PPStageError):
     """No message or result arrived within the liveness deadline."""
+
+
+class UnexpectedMessage(PPStageError):
+    """A well-formed message arrived where the pipeline's message sequence allows another."""
+
+
+class UpstreamFailed(PPStageError):
+    """A peer ended the stream with an ``ERROR`` envelope (its reason is in the message)."""

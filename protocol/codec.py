@@ -31,6 +31,7 @@ from .errors import (
     UnknownAction,
     UnsupportedVersion,
 )
+from .identity import ChunkId
 from .messages import (
     ACTION_BY_CODE,
     ACTION_CODES,
@@ -77,6 +78,11 @@ class Header(NamedTuple):
     meta_len: int
     checksum: int
 
+    @property
+    def id(self) -> ChunkId:
+        """The identity the header declares (the metadata must repeat it)."""
+        return ChunkId(self.call_id, self.chunk_index, self.cache_epoch)
+
 
 def canonical_bytes(msg: msgspec.Struct) -> bytes:
     """The one deterministic encoding of a message, used for wire and digests."""
@@ -96,11 +102,6 @@ def message_digest(msg: msgspec.Struct) -> str:
     return digest_bytes(canonical_bytes(msg))
 
 
-def _ids(msg: WireMessage | Header) -> dict[str, int]:
-    """The identity an error carries; built only when raising (the hot path skips it)."""
-    return dict(call_id=msg.call_id, chunk_index=msg.chunk_index, cache_epoch=msg.cache_epoch)
-
-
 def _check_specs(msg: WireMessage) -> None:
     valid = _VALID_SPECS
     for spec in msg.tensors:
@@ -112,7 +113,7 @@ def _check_specs(msg: WireMessage) -> None:
         try:
             check_tensor_spec(spec)
         except TensorSpecError as exc:
-            raise TensorSpecError(exc.reason, **_ids(msg)) from None
+            raise TensorSpecError(exc.reason, chunk=ChunkId.of(msg)) from None
 
 
 def _checksum(head_wo_checksum: bytes, meta: bytes) -> int:
@@ -124,19 +125,47 @@ def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
 
     Only the message's own tensor specs are checked here; the transport checks
     the actual tensors against them before sending the header.
+
+    Parameters
+    ----------
+    msg : WireMessage
+        Any wire message of this build's ``PROTOCOL_VERSION``, with at most
+        ``MAX_TENSORS`` tensor specs (dtype whitelisted, ``nbytes`` equal to
+        ``prod(shape) * itemsize``, at most 1 GiB each).
+
+    Returns
+    -------
+    header : bytes
+        ``HEADER_SIZE`` (40) bytes: magic, version, action code, tensor count,
+        the three ids (int64, little-endian), metadata length, CRC32 over
+        header and metadata.
+    metadata : bytes
+        Canonical msgpack of ``msg`` (deterministic: the same message gives
+        the same bytes), at most ``MAX_META_BYTES`` (1 MiB).
+
+    Raises
+    ------
+    UnsupportedVersion
+        ``msg.version`` is not ``PROTOCOL_VERSION``.
+    TensorSpecError
+        A tensor spec is inconsistent.
+    FramingError
+        Too many tensors, metadata too long, or an id outside int64.
+    MetadataError
+        A field cannot be serialised.
     """
     action = action_of(msg)
     if msg.version != PROTOCOL_VERSION:
-        raise UnsupportedVersion(f"refusing to send protocol version {msg.version}", **_ids(msg))
+        raise UnsupportedVersion(f"refusing to send protocol version {msg.version}", chunk=ChunkId.of(msg))
     _check_specs(msg)
     if len(msg.tensors) > MAX_TENSORS:
-        raise FramingError(f"{len(msg.tensors)} tensors exceed {MAX_TENSORS}", **_ids(msg))
+        raise FramingError(f"{len(msg.tensors)} tensors exceed {MAX_TENSORS}", chunk=ChunkId.of(msg))
     try:
         meta = _ENCODER.encode(msg)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise MetadataError(f"metadata not serialisable: {exc}", **_ids(msg)) from exc
+        raise MetadataError(f"metadata not serialisable: {exc}", chunk=ChunkId.of(msg)) from exc
     if len(meta) > MAX_META_BYTES:
-        raise FramingError(f"metadata of {len(meta)} bytes exceeds {MAX_META_BYTES}", **_ids(msg))
+        raise FramingError(f"metadata of {len(meta)} bytes exceeds {MAX_META_BYTES}", chunk=ChunkId.of(msg))
     try:
         partial = _HEADER_WO_CHECKSUM.pack(
             MAGIC,
@@ -149,68 +178,121 @@ def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
             len(meta),
         )
     except struct.error as exc:
-        raise FramingError(f"header field out of range: {exc}", **_ids(msg)) from exc
+        raise FramingError(f"header field out of range: {exc}", chunk=ChunkId.of(msg)) from exc
     return partial + _CHECKSUM.pack(_checksum(partial, meta)), meta
 
 
 def parse_header(buf: bytes | bytearray | memoryview) -> Header:
-    """Check and unpack a fixed header. Never trusts a length before bounding it."""
+    """Check and unpack a fixed header. Never trusts a length before bounding it.
+
+    Parameters
+    ----------
+    buf : bytes-like
+        Exactly ``HEADER_SIZE`` (40) bytes, as received.
+
+    Returns
+    -------
+    Header
+        The unpacked fields; ``meta_len`` is in ``(0, MAX_META_BYTES]`` and
+        ``tensor_count`` at most ``MAX_TENSORS``, so the caller may size its
+        metadata receive from them. ``header.id`` is the declared ``ChunkId``.
+
+    Raises
+    ------
+    FramingError
+        Wrong length, bad magic, tensor count or metadata length out of bounds.
+    UnsupportedVersion
+        Another protocol major version.
+    UnknownAction
+        An action code this build does not know.
+    """
     if len(buf) != HEADER_SIZE:
         raise FramingError(f"header is {len(buf)} bytes, expected {HEADER_SIZE}")
     magic, version, code, count, call_id, chunk_index, epoch, meta_len, checksum = _HEADER.unpack(
         bytes(buf)
     )
-    ids = dict(call_id=call_id, chunk_index=chunk_index, cache_epoch=epoch)
+    chunk = ChunkId(call_id, chunk_index, epoch)
     if magic != MAGIC:
-        raise FramingError(f"bad magic {magic!r}", **ids)
+        raise FramingError(f"bad magic {magic!r}", chunk=chunk)
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersion(
-            f"peer speaks protocol version {version}, this build speaks {PROTOCOL_VERSION}", **ids
+            f"peer speaks protocol version {version}, this build speaks {PROTOCOL_VERSION}", chunk=chunk
         )
     action = ACTION_BY_CODE.get(code)
     if action is None:
-        raise UnknownAction(f"unknown action code {code}", **ids)
+        raise UnknownAction(f"unknown action code {code}", chunk=chunk)
     if count > MAX_TENSORS:
-        raise FramingError(f"tensor count {count} exceeds {MAX_TENSORS}", **ids)
+        raise FramingError(f"tensor count {count} exceeds {MAX_TENSORS}", chunk=chunk)
     if meta_len == 0 or meta_len > MAX_META_BYTES:
-        raise FramingError(f"metadata length {meta_len} outside (0, {MAX_META_BYTES}]", **ids)
+        raise FramingError(f"metadata length {meta_len} outside (0, {MAX_META_BYTES}]", chunk=chunk)
     return Header(version, action, count, call_id, chunk_index, epoch, meta_len, checksum)
 
 
 def decode_metadata(header: Header, header_bytes: bytes, meta: bytes | memoryview) -> WireMessage:
-    """Decode metadata that followed ``header``; checks checksum and identity."""
+    """Decode the metadata that followed ``header``; checks checksum, identity and specs.
+
+    Parameters
+    ----------
+    header : Header
+        What ``parse_header(header_bytes)`` returned.
+    header_bytes : bytes
+        The raw header (the checksum covers it).
+    meta : bytes-like
+        Exactly ``header.meta_len`` bytes of metadata.
+
+    Returns
+    -------
+    WireMessage
+        The typed message. Its version, action, ids and tensor count equal the
+        header's, and its tensor specs are self-consistent, so a receiver may
+        allocate tensor buffers from them (``nbytes`` each, in order). Not yet
+        checked against cross-field invariants: call ``validate`` next.
+
+    Raises
+    ------
+    FramingError
+        Length or checksum mismatch, or the metadata disagrees with the header.
+    UnknownAction
+        An unknown message tag.
+    MetadataError
+        Not msgpack, or not a known wire type.
+    UnsupportedVersion
+        The metadata's version differs from the header's.
+    TensorSpecError
+        A tensor spec is inconsistent.
+    """
     if not isinstance(meta, bytes):
         meta = bytes(meta)
     if len(meta) != header.meta_len:
-        raise FramingError(f"metadata is {len(meta)} bytes, header says {header.meta_len}", **_ids(header))
+        raise FramingError(f"metadata is {len(meta)} bytes, header says {header.meta_len}", chunk=header.id)
     if _checksum(header_bytes[:-4], meta) != header.checksum:
-        raise FramingError("checksum mismatch over header and metadata", **_ids(header))
+        raise FramingError("checksum mismatch over header and metadata", chunk=header.id)
     try:
         msg = _DECODER.decode(meta)
     except msgspec.ValidationError as exc:
         text = str(exc)
         if "Invalid value" in text and "`$.action`" in text:
-            raise UnknownAction(f"unknown message tag: {text}", **_ids(header)) from exc
-        raise MetadataError(f"metadata does not match a wire type: {text}", **_ids(header)) from exc
+            raise UnknownAction(f"unknown message tag: {text}", chunk=header.id) from exc
+        raise MetadataError(f"metadata does not match a wire type: {text}", chunk=header.id) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 in a str.
-        raise MetadataError(f"metadata is not valid msgpack: {exc}", **_ids(header)) from exc
+        raise MetadataError(f"metadata is not valid msgpack: {exc}", chunk=header.id) from exc
     if msg.version != header.version:
         raise UnsupportedVersion(
-            f"metadata version {msg.version} differs from header version {header.version}", **_ids(header)
+            f"metadata version {msg.version} differs from header version {header.version}", chunk=header.id
         )
     action = action_of(msg)
     if action != header.action:
-        raise FramingError(f"metadata action {action} != header action {header.action}", **_ids(header))
+        raise FramingError(f"metadata action {action} != header action {header.action}", chunk=header.id)
     if (msg.call_id, msg.chunk_index, msg.cache_epoch) != (
         header.call_id,
         header.chunk_index,
         header.cache_epoch,
     ):
-        raise FramingError("metadata ids differ from header ids", **_ids(header))
+        raise FramingError("metadata ids differ from header ids", chunk=header.id)
     if len(msg.tensors) != header.tensor_count:
         raise FramingError(
-            f"metadata lists {len(msg.tensors)} tensors, header says {header.tensor_count}", **_ids(header)
+            f"metadata lists {len(msg.tensors)} tensors, header says {header.tensor_count}", chunk=header.id
         )
     _check_specs(msg)
     return msg
@@ -227,9 +309,7 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> WireMessage:
     if len(rest) != header.meta_len:
         raise FramingError(
             f"frame carries {len(rest)} metadata bytes, header says {header.meta_len}",
-            call_id=header.call_id,
-            chunk_index=header.chunk_index,
-            cache_epoch=header.cache_epoch,
+            chunk=header.id,
         )
     return decode_metadata(header, head, rest)
 
@@ -247,7 +327,7 @@ _VALID_SPECS: set[tuple[str, tuple[int, ...], int]] = set()
 _VALID_SPECS_MAX = 4096
 
 
-def check_tensor_spec(spec: TensorSpec, **ids: int | None) -> None:
+def check_tensor_spec(spec: TensorSpec, *, chunk: ChunkId | None = None) -> None:
     """A spec must name a whitelisted dtype and a byte length equal to its shape."""
     try:
         key = (spec.dtype, spec.shape, spec.nbytes)
@@ -257,23 +337,23 @@ def check_tensor_spec(spec: TensorSpec, **ids: int | None) -> None:
         key = None
     itemsize = DTYPE_ITEMSIZE.get(spec.dtype)
     if itemsize is None:
-        raise TensorSpecError(f"tensor {spec.name!r}: dtype {spec.dtype!r} not allowed", **ids)
+        raise TensorSpecError(f"tensor {spec.name!r}: dtype {spec.dtype!r} not allowed", chunk=chunk)
     if len(spec.shape) > 8 or any(d < 0 for d in spec.shape):
-        raise TensorSpecError(f"tensor {spec.name!r}: bad shape {spec.shape}", **ids)
+        raise TensorSpecError(f"tensor {spec.name!r}: bad shape {spec.shape}", chunk=chunk)
     expected = prod(spec.shape) * itemsize
     if spec.nbytes != expected:
         raise TensorSpecError(
-            f"tensor {spec.name!r}: {spec.nbytes} bytes declared, shape needs {expected}", **ids
+            f"tensor {spec.name!r}: {spec.nbytes} bytes declared, shape needs {expected}", chunk=chunk
         )
     if spec.nbytes > MAX_TENSOR_BYTES:
-        raise TensorSpecError(f"tensor {spec.name!r}: {spec.nbytes} bytes exceed limit", **ids)
+        raise TensorSpecError(f"tensor {spec.name!r}: {spec.nbytes} bytes exceed limit", chunk=chunk)
     if key is not None:
         if len(_VALID_SPECS) >= _VALID_SPECS_MAX:
             _VALID_SPECS.clear()
         _VALID_SPECS.add(key)
 
 
-def check_tensor_digest(spec: TensorSpec, data: bytes | memoryview, **ids: int | None) -> None:
+def check_tensor_digest(spec: TensorSpec, data: bytes | memoryview, *, chunk: ChunkId | None = None) -> None:
     """Compare received bytes with the digest the sender declared, if any."""
     if spec.digest is not None and digest_bytes(data) != spec.digest:
-        raise DigestMismatch(f"tensor {spec.name!r}: digest mismatch", **ids)
+        raise DigestMismatch(f"tensor {spec.name!r}: digest mismatch", chunk=chunk)

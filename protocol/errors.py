@@ -1,41 +1,54 @@
 """Typed errors raised at the wire boundary.
 
-Every error carries the identity of the message it concerns (``call_id``,
-``chunk_index``, ``cache_epoch``) when that identity is known, so a log line
-or an error result can always name the chunk that went wrong.
+Every error carries the ``ChunkId`` of the message it concerns when that
+identity is known, so a log line or an error result can always name the
+chunk that went wrong. Runtime errors (lifecycle, planner, gate, channels,
+watchdogs) are not wire errors: they derive from ``ppstage.errors.PPStageError``.
 """
 
 from __future__ import annotations
 
+from .identity import ChunkId
 
-class ProtocolError(Exception):
-    """Base of every error about a message's bytes, framing or invariants."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        call_id: int | None = None,
-        chunk_index: int | None = None,
-        cache_epoch: int | None = None,
-    ) -> None:
+class ChunkError(Exception):
+    """Base of every typed ppstage error: a reason and, where known, the chunk it concerns.
+
+    Two roots derive from it: ``ProtocolError`` (bytes and metadata on the wire)
+    and ``ppstage.errors.PPStageError`` (everything else the runtime refuses).
+
+    Parameters
+    ----------
+    message : str
+        What went wrong, as one line (kept as ``reason``).
+    chunk : ChunkId, optional
+        The identity of the message or call concerned, when known; ``str()``
+        appends it.
+    """
+
+    def __init__(self, message: str, *, chunk: ChunkId | None = None) -> None:
         super().__init__(message)
         self.reason = message
-        self.call_id = call_id
-        self.chunk_index = chunk_index
-        self.cache_epoch = cache_epoch
+        self.chunk = chunk
+
+    @property
+    def call_id(self) -> int | None:
+        return None if self.chunk is None else self.chunk.call_id
+
+    @property
+    def chunk_index(self) -> int | None:
+        return None if self.chunk is None else self.chunk.chunk_index
+
+    @property
+    def cache_epoch(self) -> int | None:
+        return None if self.chunk is None else self.chunk.cache_epoch
 
     def __str__(self) -> str:
-        ids = [
-            f"{k}={v}"
-            for k, v in (
-                ("call_id", self.call_id),
-                ("chunk_index", self.chunk_index),
-                ("cache_epoch", self.cache_epoch),
-            )
-            if v is not None
-        ]
-        return f"{self.reason} ({', '.join(ids)})" if ids else self.reason
+        return self.reason if self.chunk is None else f"{self.reason} ({self.chunk})"
+
+
+class ProtocolError(ChunkError):
+    """Base of every error about a message's bytes, framing or invariants on the wire."""
 
 
 class FramingError(ProtocolError):

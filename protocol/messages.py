@@ -11,12 +11,32 @@ from typing import Literal, Union, get_args
 
 import msgspec
 
+from .identity import ChunkId
+
 PROTOCOL_VERSION = 1
 """Protocol major version. Bump it for any change docs/protocol.md forbids."""
 
 RecomputeMode = Literal["r1", "r0a", "r0"]
+"""The rollout flag (SPEC section 4): r1 never recomputes, r0a anchors on a decoded frame, r0 on a latent."""
 AnchorMode = Literal["none", "decoded", "latent"]
 CallKind = Literal["recompute", "denoise"]
+HopTarget = Literal["hidden", "latent"]
+
+RECOMPUTE_MODES: tuple[RecomputeMode, ...] = get_args(RecomputeMode)
+ANCHOR_FOR_MODE: dict[RecomputeMode, AnchorMode] = {"r1": "none", "r0a": "decoded", "r0": "latent"}
+"""The anchor every recompute of a mode uses; an envelope must declare exactly this pair."""
+if tuple(ANCHOR_FOR_MODE) != RECOMPUTE_MODES:  # pragma: no cover - a guard for editors
+    raise ImportError("ANCHOR_FOR_MODE must name every recompute mode, in order")
+
+
+
+def hop_tensor_name(target: HopTarget) -> str:
+    """The name of the one tensor a ``StageHop`` to ``target`` carries.
+
+    ``"hidden"`` for a hidden-state hop (stage k -> k+1), ``"latents"`` for the
+    latent hand-back (last stage -> stage 1).
+    """
+    return "hidden" if target == "hidden" else "latents"
 
 
 class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,6 +54,11 @@ class _Top(msgspec.Struct, frozen=True, kw_only=True, tag_field="action"):
     call_id: int
     chunk_index: int
     cache_epoch: int
+
+    @property
+    def id(self) -> ChunkId:
+        """The message's identity (``call_id``, ``chunk_index``, ``cache_epoch``)."""
+        return ChunkId(self.call_id, self.chunk_index, self.cache_epoch)
 
 
 class InferEnvelope(_Top, tag="INFER"):
@@ -115,7 +140,7 @@ class StageHop(_Top, tag="HOP"):
 
     call_kind: CallKind
     step: int
-    target: Literal["hidden", "latent"]
+    target: HopTarget
     tensors: tuple[TensorSpec, ...] = ()
     stages: tuple[StageReport, ...] = ()
 

@@ -12,16 +12,18 @@ import math
 import msgspec
 
 from .errors import InvariantViolation
+from .identity import ChunkId
 from .messages import (
+    ANCHOR_FOR_MODE,
     ChunkResult,
     InferEnvelope,
     ParityHello,
     StageHop,
     TensorSpec,
     WireMessage,
+    hop_tensor_name,
 )
 
-ANCHOR_FOR_MODE = {"r1": "none", "r0a": "decoded", "r0": "latent"}
 INFER_TENSORS = ("latents_in", "conditioning_embeds", "denoising_step_list")
 CONTEXT_TENSOR = "context_frames_override"
 _WANT_TENSORS = {False: INFER_TENSORS, True: (*INFER_TENSORS, CONTEXT_TENSOR)}
@@ -42,12 +44,31 @@ class WireGeometry(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def validate(msg: WireMessage, geometry: WireGeometry | None = None) -> None:
-    """Raise ``InvariantViolation`` unless every invariant of ``msg`` holds."""
+    """Raise ``InvariantViolation`` unless every cross-field invariant of ``msg`` holds.
 
-    def fail(text: str) -> None:  # the ids dict is built only when failing (hot path)
-        raise InvariantViolation(
-            text, call_id=msg.call_id, chunk_index=msg.chunk_index, cache_epoch=msg.cache_epoch
-        )
+    Called by the sender before framing and by every receiver before it acts
+    on a message (docs/protocol.md lists the invariants per type). Pure and
+    cheap on the passing path; the error carries ``msg``'s ``ChunkId``.
+
+    Parameters
+    ----------
+    msg : WireMessage
+        A decoded (or about to be encoded) message.
+    geometry : WireGeometry, optional
+        The receiver's own shapes (``config.wire_geometry()``): latent
+        ``(num_frames, latent_channels, height, width)`` float32, conditioning
+        ``(text_tokens, text_dim)`` float32, hidden ``(tokens, hidden_dim)``
+        float32 with ``tokens`` a multiple of ``tokens_per_frame``, at most
+        ``max_context_frames`` context frames. None checks structure only.
+
+    Raises
+    ------
+    InvariantViolation
+        The first invariant that does not hold, named in the message.
+    """
+
+    def fail(text: str) -> None:  # the identity is built only when failing (hot path)
+        raise InvariantViolation(text, chunk=ChunkId.of(msg))
 
     if msg.call_id < 0 or msg.chunk_index < 0 or msg.cache_epoch < 0:
         fail("ids must be non-negative")
@@ -179,7 +200,7 @@ def _validate_hop(m: StageHop, g: WireGeometry | None, fail) -> None:
         fail("a recompute hop has step -1")
     if m.call_kind == "denoise" and m.step < 0:
         fail("a denoise hop has a step index >= 0")
-    want = "hidden" if m.target == "hidden" else "latents"
+    want = hop_tensor_name(m.target)
     if [s.name for s in m.tensors] != [want]:
         fail(f"a {m.target} hop carries exactly one tensor, {want!r}")
     spec = m.tensors[0]

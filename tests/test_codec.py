@@ -19,6 +19,7 @@ from protocol import (
     MAX_META_BYTES,
     MAX_TENSORS,
     PROTOCOL_VERSION,
+    ChunkId,
     ChunkResult,
     DigestMismatch,
     ErrorEnvelope,
@@ -309,8 +310,9 @@ def test_tensor_digest_is_checked_against_received_bytes():
     good = spec("x", (4,), digest=digest_bytes(data))
     check_tensor_digest(good, data)
     check_tensor_digest(spec("x", (4,)), b"anything")  # no digest declared: nothing to check
-    with pytest.raises(DigestMismatch):
-        check_tensor_digest(good, data[:-1] + b"\x00", call_id=3)
+    with pytest.raises(DigestMismatch) as info:
+        check_tensor_digest(good, data[:-1] + b"\x00", chunk=ChunkId(3, 0, 0))
+    assert info.value.chunk == ChunkId(3, 0, 0)
 
 
 # -- encode-time (sender preflight) failures ----------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -118,8 +119,138 @@ def test_invalid_values_are_config_errors(overrides):
 
 
 def test_config_error_is_a_value_error_with_a_precise_message():
-    with pytest.raises(ValueError, match="recompute cadence must be >= 1"):
+    with pytest.raises(ValueError, match=r"recompute\.cadence: must be >= 1, got 0$"):
         PPStageConfig().with_overrides({"recompute.cadence": 0})
+
+
+def test_config_error_is_a_ppstage_error():
+    from ppstage.errors import PPStageError
+
+    assert issubclass(ConfigError, PPStageError) and issubclass(ConfigError, ValueError)
+
+
+# Every bounded key, with a value just outside its bound and the message that names it.
+OUT_OF_BOUNDS = {
+    "runtime.pg_timeout_s": (-1, "must be > 0, got -1"),
+    "runtime.startup_timeout_s": (0, "must be > 0, got 0"),
+    "runtime.drain_deadline_s": (-5, "must be > 0, got -5"),
+    "runtime.result_deadline_min_s": (0.0, "must be > 0, got 0.0"),
+    "runtime.result_deadline_factor": (0.5, "must be >= 1, got 0.5"),
+    "runtime.stage_idle_deadline_s": (-1.0, "must be > 0, got -1.0"),
+    "runtime.keepalive_interval_s": (0, "must be > 0, got 0"),
+    "runtime.simulated_decode_ms": (-1, "must be >= 0, got -1"),
+    "runtime.simulated_call_ms": (-0.5, "must be >= 0, got -0.5"),
+    "runtime.d_in": (0, "must be >= 1, got 0"),
+    "runtime.d_out": (0, "must be >= 1, got 0"),
+    "model.latent_channels": (0, "must be >= 1, got 0"),
+    "model.latent_height": (0, "must be >= 1, got 0"),
+    "model.latent_width": (-8, "must be >= 1, got -8"),
+    "model.patch_size": (0, "must be >= 1, got 0"),
+    "model.dim": (0, "must be >= 1, got 0"),
+    "model.heads": (0, "must be >= 1, got 0"),
+    "model.layers": (0, "must be >= 1, got 0"),
+    "model.mlp_ratio": (0, "must be >= 1, got 0"),
+    "model.text_tokens": (0, "must be >= 1, got 0"),
+    "model.text_dim": (0, "must be >= 1, got 0"),
+    "model.vae_scale": (0, "must be >= 1, got 0"),
+    "model.seed": (-1, "must be >= 0, got -1"),
+    "model.rope_max_frames": (0, "must be >= 1, got 0"),
+    "cache.window_frames": (0, "must be >= 1, got 0"),
+    "cache.sink_frames": (-1, "must be >= 0, got -1"),
+    "cache.chunk_frames": (0, "must be >= 1, got 0"),
+    "recompute.cadence": (0, "must be >= 1, got 0"),
+    "recompute.context_frames": (1, "must be >= 2, got 1"),
+    "recompute.decoded_buffer_frames": (0, "must be >= 1, got 0"),
+    "denoise.shift": (0, "must be > 0, got 0"),
+    "denoise.base_seed": (-3, "must be >= 0, got -3"),
+    "topology.stages": (0, "must be >= 1, got 0"),
+    "topology.tp": (0, "must be >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(OUT_OF_BOUNDS))
+def test_out_of_bounds_values_are_refused_at_load_naming_the_key_path(tmp_path, key):
+    value, problem = OUT_OF_BOUNDS[key]
+    section, name = key.split(".")
+    path = write(tmp_path, f"[{section}]\n{name} = {json.dumps(value)}\n")
+    with pytest.raises(ConfigError) as info:
+        PPStageConfig.from_toml(path)
+    assert str(info.value) == f"invalid config: {key}: {problem}"
+
+
+def test_every_numeric_key_has_a_bound():
+    numeric = {
+        k for k, v in PPStageConfig().flat().items()
+        if isinstance(json.loads(v), (int, float)) and not isinstance(json.loads(v), bool)
+    }
+    assert numeric == set(OUT_OF_BOUNDS)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 86_401.0])
+def test_timeouts_must_be_finite_and_at_most_a_day(value):
+    with pytest.raises(ConfigError, match=r"runtime\.pg_timeout_s: must be"):
+        PPStageConfig().with_overrides({"runtime.pg_timeout_s": value})
+
+
+def test_a_negative_layer_range_bound_names_its_position():
+    with pytest.raises(ConfigError, match=r"topology\.layer_ranges\[0\]\[1\]: must be >= 0, got -4"):
+        PPStageConfig().with_overrides({"topology.stages": 2, "topology.layer_ranges": [[0, -4], [4, 8]]})
+
+
+def test_unknown_keys_and_wrong_types_name_the_key_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"runtime: unknown key `pg_timeout`"):
+        PPStageConfig.from_toml(write(tmp_path, "[runtime]\npg_timeout = 3\n"))
+    with pytest.raises(ConfigError, match=r"runtime\.d_in: expected `int`, got `str`"):
+        PPStageConfig.from_toml(write(tmp_path, '[runtime]\nd_in = "two"\n'))
+
+
+def test_cross_field_rules_name_both_keys():
+    with pytest.raises(ConfigError, match=r"runtime\.keepalive_interval_s: must be < runtime\.stage_idle_deadline_s"):
+        PPStageConfig().with_overrides({"runtime.keepalive_interval_s": 10.0})
+    with pytest.raises(ConfigError, match=r"recompute\.decoded_buffer_frames: must be >= recompute\.context_frames"):
+        PPStageConfig().with_overrides({"recompute.decoded_buffer_frames": 2})
+
+
+def test_startup_and_steady_state_timeouts_are_separate_keys():
+    rt = PPStageConfig().runtime
+    assert rt.startup_timeout_s >= 10 * rt.pg_timeout_s  # minutes to start, seconds once running
+    cfg = PPStageConfig().with_overrides({"runtime.startup_timeout_s": 1800.0, "runtime.pg_timeout_s": 5.0})
+    assert (cfg.runtime.startup_timeout_s, cfg.runtime.pg_timeout_s) == (1800.0, 5.0)
+
+
+# -- step lists: one rule for config and planner ------------------------------------------------
+
+STEP_LISTS = {
+    "default": ([1000, 750, 500, 250], None),
+    "single": ([1000], None),
+    "repeated": ([500, 500], "strictly decreasing"),
+    "increasing": ([250, 500], "strictly decreasing"),
+    "empty": ([], "at least one timestep"),
+    "zero": ([500, 0], "(0, 1000]"),
+    "above 1000": ([1001], "(0, 1000]"),
+    "not an integer": ([500.5], "int"),
+}
+
+
+@pytest.mark.parametrize("steps, problem", STEP_LISTS.values(), ids=STEP_LISTS.keys())
+def test_config_and_planner_give_the_same_verdict_on_a_step_list(steps, problem):
+    from ppstage.core.planner import Planner, PlannerError, StepListChange
+
+    planner = Planner(PPStageConfig())
+    if problem is None:
+        assert PPStageConfig().with_overrides({"denoise.step_list": steps}).denoise.step_list == tuple(steps)
+        planner.submit(StepListChange(tuple(steps)))
+        return
+    with pytest.raises(ConfigError, match=r"denoise\.step_list(\[\d+\])?: .*" + re.escape(problem)):
+        PPStageConfig().with_overrides({"denoise.step_list": steps})
+    with pytest.raises(PlannerError, match=re.escape(problem)):
+        planner.submit(StepListChange(tuple(steps)))
+
+
+def test_cache_geometry_comes_from_the_config():
+    g = PPStageConfig().with_overrides({"cache.window_frames": 7, "cache.sink_frames": 2}).cache_geometry()
+    assert (g.window_frames, g.sink_frames, g.chunk_frames, g.tokens_per_frame) == (7, 2, 3, 16)
+    assert g.capacity == 7 * 16
 
 
 # -- layer ranges -------------------------------------------------------------------------------
@@ -190,6 +321,7 @@ ALTERNATIVE = {
     "topology.backend": "nccl",
     "runtime.d_in": 1,
     "runtime.d_out": 3,
+    "runtime.startup_timeout_s": 900.0,
     "runtime.pg_timeout_s": 60.0,
     "runtime.result_deadline_min_s": 2.0,
     "runtime.result_deadline_factor": 4.0,

@@ -12,6 +12,7 @@ from ppstage.errors import (
     GateError,
     MissingTensor,
     OutOfOrderResult,
+    PPStageError,
     RemoteStageError,
 )
 from ppstage.core.gate import EpochGate
@@ -227,8 +228,9 @@ def test_chunk_index_differing_from_the_plan_is_a_gate_error():
 @pytest.mark.parametrize(
     "error", [GateError, FutureResult, OutOfOrderResult, RemoteStageError, MissingTensor, CallCountMismatch]
 )
-def test_every_gate_refusal_is_a_protocol_error(error):
-    assert issubclass(error, ProtocolError)
+def test_every_gate_refusal_is_a_runtime_error_not_a_wire_error(error):
+    assert issubclass(error, PPStageError)
+    assert not issubclass(error, ProtocolError)
 
 
 # -- registering plans ---------------------------------------------------------------------------
@@ -259,3 +261,12 @@ def test_plans_must_be_registered_in_call_id_order():
     gate.expect(p1)
     with pytest.raises(GateError, match="call_id order"):
         gate.expect(p1)
+
+
+def test_the_oldest_owed_result_names_the_chunk_a_watchdog_reports():
+    s = Stream()
+    assert s.gate.oldest_owed() is None
+    p0, p1 = s.send(), s.send()
+    assert s.gate.oldest_owed() == p0.id
+    s.gate.admit(result_for(p0))
+    assert s.gate.oldest_owed() == p1.id

@@ -18,6 +18,8 @@ from ppstage.core.planner import (
 )
 from protocol import ProtocolError
 
+from ppstage.errors import PPStageError
+
 
 def planner(**overrides) -> Planner:
     p = Planner(PPStageConfig().with_overrides(overrides))
@@ -41,8 +43,9 @@ def test_no_stream_start_is_a_planner_error():
         p.next_chunk()
 
 
-def test_planner_error_is_a_protocol_error():
-    assert issubclass(PlannerError, ProtocolError)
+def test_planner_error_is_a_runtime_error_not_a_wire_error():
+    assert issubclass(PlannerError, PPStageError)
+    assert not issubclass(PlannerError, ProtocolError)
 
 
 def test_first_chunk_is_a_hard_cut_of_epoch_zero():

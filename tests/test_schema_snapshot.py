@@ -19,7 +19,6 @@ from pathlib import Path
 
 import msgspec
 
-import protocol
 from protocol import ACTION_CODES, PROTOCOL_VERSION, WIRE_TYPES
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "wire_schema.json"
@@ -169,57 +168,3 @@ def test_breaking_changes_are_detected():
     ]:
         assert text in problems
 
-
-# -- public API ------------------------------------------------------------------------------
-
-
-PROTOCOL_API = [
-    "ACTION_CODES",
-    "DTYPE_ITEMSIZE",
-    "HEADER_SIZE",
-    "MAGIC",
-    "MAX_META_BYTES",
-    "MAX_TENSORS",
-    "PROTOCOL_VERSION",
-    "WIRE_TYPES",
-    "ChunkResult",
-    "DigestMismatch",
-    "Envelope",
-    "ErrorEnvelope",
-    "FramingError",
-    "Header",
-    "InferEnvelope",
-    "InvariantViolation",
-    "MetadataError",
-    "NoopEnvelope",
-    "ParityHello",
-    "ProtocolError",
-    "ShutdownEnvelope",
-    "StageHop",
-    "StageReport",
-    "TensorSpec",
-    "TensorSpecError",
-    "UnknownAction",
-    "UnsupportedVersion",
-    "WireGeometry",
-    "WireMessage",
-    "action_of",
-    "canonical_bytes",
-    "check_tensor_digest",
-    "check_tensor_spec",
-    "decode_frame",
-    "decode_metadata",
-    "digest_bytes",
-    "encode_frame",
-    "encode_frame_bytes",
-    "message_digest",
-    "parse_header",
-    "validate",
-]
-
-
-def test_protocol_public_api_is_frozen():
-    assert sorted(protocol.__all__) == sorted(PROTOCOL_API)
-    assert len(protocol.__all__) == len(set(protocol.__all__))
-    for name in protocol.__all__:
-        assert hasattr(protocol, name), name

@@ -204,3 +204,24 @@ def test_mesh_collectives_run_on_the_mesh_and_are_refused_to_rank_zero():
         assert r["all_reduce"] == [3.0, 3.0]
         assert r["all_gather"] == [[1], [2]]
         assert r["broadcast_from_rank0"] == "refused"
+
+
+def test_start_up_uses_the_start_up_timeout_and_groups_the_steady_state_one(monkeypatch):
+    # torchtitan's split: minutes for the rendezvous and the parity handshake (ranks on other
+    # nodes start late), seconds for every group the pipeline uses afterwards.
+    from datetime import timedelta
+
+    from ppstage.distributed import bootstrap
+
+    seen = {}
+    monkeypatch.setattr(bootstrap.dist, "init_process_group", lambda **kw: seen.update(kw))
+    cfg = _config(stages=1, tp=1).with_overrides({"runtime.startup_timeout_s": 900.0})
+    bootstrap.init_process_group(cfg, 0, 2, "127.0.0.1", 29500)
+    assert seen["timeout"] == timedelta(seconds=900.0)
+
+    created = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "new_group", lambda ranks, timeout, **kw: created.append(timeout) or object())
+    build_groups(cfg, 0)
+    assert created and set(created) == {timedelta(seconds=cfg.runtime.pg_timeout_s)}

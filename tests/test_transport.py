@@ -22,7 +22,7 @@ import torch
 from dist_helpers import run_ranks
 
 from ppstage.config import PPStageConfig
-from ppstage.errors import ChannelDead
+from ppstage.errors import ChannelDead, PPStageError
 from ppstage.distributed.topology import ProcessGroups, WrongGroup, build_groups, role_for
 from ppstage.distributed.transport import (
     TORCH_DTYPE,
@@ -392,7 +392,7 @@ def _garbage_worker(ctx):
             transport.close()
             out[label] = {
                 "error": type(fatals[0]).__name__,
-                "typed": isinstance(fatals[0], ProtocolError),
+                "typed": isinstance(fatals[0], (ProtocolError, PPStageError)),
                 "delivered": inbox.qsize(),
                 "seconds": round(took, 2),
             }
@@ -495,7 +495,7 @@ def _dead_peer_worker(ctx):
         try:
             await transport.send(1, *noop(2))
             after = None
-        except ProtocolError as exc:
+        except (ProtocolError, PPStageError) as exc:
             after = type(exc).__name__
         return {
             "first": first.msg.call_id,

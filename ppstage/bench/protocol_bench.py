@@ -37,6 +37,7 @@ import msgspec
 
 from protocol import (
     ACTION_CODES,
+    ANCHOR_FOR_MODE,
     DTYPE_ITEMSIZE,
     MAGIC,
     MAX_META_BYTES,
@@ -55,7 +56,6 @@ TARGET_US = 20.0
 TARGET_RATIO = 3.0
 
 _HEADER = struct.Struct("<4sBBHqqqII")  # the same layout as protocol.codec's header
-_ANCHOR = {"r1": "none", "r0a": "decoded", "r0": "latent"}
 _INFER_TENSORS = ["latents_in", "conditioning_embeds", "denoising_step_list"]
 
 
@@ -205,7 +205,7 @@ _INFER_FIELDS: dict[str, Any] = {
     "current_start_frame": _INT, "init_cache": _BOOL, "reset_kv_cache": _BOOL,
     "reset_crossattn_cache": _BOOL, "do_kv_recompute": _BOOL, "num_denoise_steps": _INT,
     "expected_generator_calls": _INT, "kv_cache_attention_bias": _FLOAT, "base_seed": _INT,
-    "recompute_mode": ("r1", "r0a", "r0"), "anchor_mode": ("none", "decoded", "latent"),
+    "recompute_mode": tuple(ANCHOR_FOR_MODE), "anchor_mode": tuple(ANCHOR_FOR_MODE.values()),
 }
 
 
@@ -268,7 +268,7 @@ def _check_infer(d: dict[str, Any], g: WireGeometry) -> None:
     recompute, steps = d["do_kv_recompute"], d["num_denoise_steps"]
     if steps < 1 or d["expected_generator_calls"] != (1 if recompute else 0) + steps:
         raise BaselineError("call count")
-    if _ANCHOR[d["recompute_mode"]] != d["anchor_mode"] or (d["recompute_mode"] == "r1" and recompute):
+    if ANCHOR_FOR_MODE[d["recompute_mode"]] != d["anchor_mode"] or (d["recompute_mode"] == "r1" and recompute):
         raise BaselineError("mode")
     init = d["init_cache"]
     if init and not (d["reset_kv_cache"] and d["reset_crossattn_cache"]):

@@ -29,9 +29,9 @@ def _error_classes() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseEx
     from ppstage.config import ConfigError
 
     usage: tuple[type[BaseException], ...] = (ConfigError, OSError)
-    # The runtime's error roots: ``ProtocolError`` (wire) and, where it exists,
-    # ``ppstage.errors.PPStageError`` (everything else the runtime raises).
-    runtime = tuple(c for c in (ProtocolError, getattr(errors, "PPStageError", None)) if c is not None)
+    # The runtime's error roots: ``ProtocolError`` (wire) and ``PPStageError``
+    # (everything else the runtime raises; ``ConfigError`` is caught above).
+    runtime = (ProtocolError, errors.PPStageError)
     return usage, runtime
 
 

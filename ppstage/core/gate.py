@@ -16,7 +16,7 @@ from typing import Literal
 
 import msgspec
 
-from protocol import ChunkResult
+from protocol import ChunkId, ChunkResult
 
 from ppstage.errors import (
     CallCountMismatch,
@@ -28,14 +28,22 @@ from ppstage.errors import (
 )
 from ppstage.core.plan import ChunkPlan
 
+__all__ = ["DropReason", "EpochGate", "Outstanding", "Verdict"]
+
 DropReason = Literal["stale_epoch", "duplicate"]
 
 
 class Outstanding(msgspec.Struct, frozen=True):
+    """A registered plan whose result is still owed."""
+
     call_id: int
     chunk_index: int
     cache_epoch: int
     expected_generator_calls: int
+
+    @property
+    def id(self) -> ChunkId:
+        return ChunkId.of(self)
 
 
 class Verdict(msgspec.Struct, frozen=True):
@@ -45,6 +53,15 @@ class Verdict(msgspec.Struct, frozen=True):
 
 
 class EpochGate:
+    """Decides which results rank 0 may decode and emit (see the module docstring).
+
+    Usage: ``expect(plan)`` for every plan in send order, then ``admit(result)``
+    for every result received, in arrival order. ``accepted`` counts accepted
+    results, ``dropped`` counts drops by reason (``"stale_epoch"``,
+    ``"duplicate"``); ``statistics()`` reports both and the number in flight.
+    Pure: no I/O, no clock, not thread-safe (rank 0's event loop owns it).
+    """
+
     def __init__(self) -> None:
         self._epoch = -1
         self._outstanding: OrderedDict[int, Outstanding] = OrderedDict()
@@ -60,69 +77,105 @@ class EpochGate:
         """Results still owed by the pipeline, of any epoch (each must be received)."""
         return len(self._outstanding)
 
+    def oldest_owed(self) -> ChunkId | None:
+        """The identity of the oldest result still owed (None when nothing is in flight)."""
+        return next(iter(self._outstanding.values())).id if self._outstanding else None
+
     def in_flight_current(self) -> int:
         return sum(1 for o in self._outstanding.values() if o.cache_epoch == self._epoch)
 
     def expect(self, plan: ChunkPlan) -> None:
-        """Register a plan that is about to be sent; a hard cut moves the epoch."""
+        """Register a plan that is about to be sent; a hard cut moves the epoch.
+
+        Parameters
+        ----------
+        plan : ChunkPlan
+            The next plan, in ``call_id`` order. ``init_cache`` plans must move
+            to a later ``cache_epoch``; others must be of the gate's epoch.
+
+        Raises
+        ------
+        GateError
+            The plan is out of ``call_id`` order or of the wrong epoch.
+        """
         if plan.init_cache:
             if plan.cache_epoch <= self._epoch:
                 raise GateError(
-                    f"hard cut to epoch {plan.cache_epoch} not after {self._epoch}",
-                    call_id=plan.call_id,
-                    chunk_index=plan.chunk_index,
-                    cache_epoch=plan.cache_epoch,
+                    f"hard cut to epoch {plan.cache_epoch} not after {self._epoch}", chunk=plan.id
                 )
             self._epoch = plan.cache_epoch
         elif plan.cache_epoch != self._epoch:
             raise GateError(
-                f"plan of epoch {plan.cache_epoch} while the gate is at {self._epoch}",
-                call_id=plan.call_id,
-                chunk_index=plan.chunk_index,
-                cache_epoch=plan.cache_epoch,
+                f"plan of epoch {plan.cache_epoch} while the gate is at {self._epoch}", chunk=plan.id
             )
         if self._outstanding and plan.call_id <= next(reversed(self._outstanding)):
-            raise GateError("plans must be registered in call_id order", call_id=plan.call_id)
+            raise GateError("plans must be registered in call_id order", chunk=plan.id)
         self._outstanding[plan.call_id] = Outstanding(
             plan.call_id, plan.chunk_index, plan.cache_epoch, plan.expected_generator_calls
         )
 
     def admit(self, result: ChunkResult) -> Verdict:
-        """Accept or drop ``result``; raise ``GateError`` for a broken contract."""
-        ids = dict(
-            call_id=result.call_id, chunk_index=result.chunk_index, cache_epoch=result.cache_epoch
-        )
+        """Accept or drop ``result``; raise for a broken contract.
+
+        Parameters
+        ----------
+        result : ChunkResult
+            A received (validated) result.
+
+        Returns
+        -------
+        Verdict
+            ``accepted=True`` with the ``Outstanding`` plan it answers, or
+            ``accepted=False`` with ``reason`` ``"stale_epoch"`` (an older epoch)
+            or ``"duplicate"`` (already accepted). Drops are idempotent.
+
+        Raises
+        ------
+        FutureResult
+            The result is of a later epoch or a call never planned.
+        OutOfOrderResult
+            An older result of the current epoch is still owed.
+        RemoteStageError
+            The result is an error result (``ok=False``).
+        CallCountMismatch
+            ``observed_generator_calls`` differs from the plan's.
+        MissingTensor
+            An ok result without ``latents_out``.
+        GateError
+            ``chunk_index`` differs from the plan's (the base of all the above).
+        """
+        chunk = result.id
         if result.cache_epoch < self._epoch:
             owed = self._outstanding.get(result.call_id)
             if owed is not None and owed.cache_epoch == result.cache_epoch:
                 del self._outstanding[result.call_id]
             return self._drop("stale_epoch")
         if result.cache_epoch > self._epoch:
-            raise FutureResult(f"result from future epoch (gate at {self._epoch})", **ids)
+            raise FutureResult(f"result from future epoch (gate at {self._epoch})", chunk=chunk)
         if result.call_id <= self._last_accepted_call and result.call_id not in self._outstanding:
             return self._drop("duplicate")
         current = [o for o in self._outstanding.values() if o.cache_epoch == self._epoch]
         if not current:
-            raise FutureResult("result for a call that was never planned", **ids)
+            raise FutureResult("result for a call that was never planned", chunk=chunk)
         head = current[0]
         if result.call_id != head.call_id:
             if result.call_id in self._outstanding:
-                raise OutOfOrderResult(f"result arrived before call {head.call_id}'s", **ids)
-            raise FutureResult("result for a call that was never planned", **ids)
+                raise OutOfOrderResult(f"result arrived before call {head.call_id}'s", chunk=chunk)
+            raise FutureResult("result for a call that was never planned", chunk=chunk)
         if result.chunk_index != head.chunk_index:
-            raise GateError(f"chunk_index differs from the plan's {head.chunk_index}", **ids)
+            raise GateError(f"chunk_index differs from the plan's {head.chunk_index}", chunk=chunk)
         # A contract failure of the head call is terminal for the stream, so it
         # stays outstanding: nothing after it may be accepted either.
         if not result.ok:
-            raise RemoteStageError(f"stage error: {result.error}", **ids)
+            raise RemoteStageError(f"stage error: {result.error}", chunk=chunk)
         if result.observed_generator_calls != head.expected_generator_calls:
             raise CallCountMismatch(
                 f"observed {result.observed_generator_calls} generator calls, "
                 f"planned {head.expected_generator_calls}",
-                **ids,
+                chunk=chunk,
             )
         if [t.name for t in result.tensors] != ["latents_out"]:
-            raise MissingTensor("ok result without latents_out", **ids)
+            raise MissingTensor("ok result without latents_out", chunk=chunk)
         del self._outstanding[head.call_id]
         self._last_accepted_call = head.call_id
         self.accepted += 1

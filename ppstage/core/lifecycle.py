@@ -18,13 +18,24 @@ Indices are in tokens. ``global_end_index`` counts on the stream's timeline,
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Protocol
 
 import msgspec
 
-from protocol import canonical_bytes, digest_bytes
+from protocol import CallKind, ChunkId, canonical_bytes, digest_bytes
 
+from ppstage.config import CacheGeometry
 from ppstage.errors import CallCountMismatch, IllegalTransition
+
+__all__ = [
+    "CacheGeometry",
+    "CacheLifecycle",
+    "CallKind",
+    "ChunkWindow",
+    "LifecyclePlan",
+    "LifecycleState",
+    "RecomputeWindow",
+]
 
 
 class LifecyclePlan(Protocol):
@@ -44,25 +55,6 @@ class LifecyclePlan(Protocol):
     context_frame_indices: tuple[int, ...]
     recompute_mode: str
     anchor_mode: str
-
-
-class CacheGeometry(msgspec.Struct, frozen=True, kw_only=True):
-    window_frames: int
-    sink_frames: int
-    tokens_per_frame: int
-    chunk_frames: int
-
-    @property
-    def capacity(self) -> int:
-        return self.window_frames * self.tokens_per_frame
-
-    @property
-    def sink_tokens(self) -> int:
-        return self.sink_frames * self.tokens_per_frame
-
-    @property
-    def chunk_tokens(self) -> int:
-        return self.chunk_frames * self.tokens_per_frame
 
 
 class RecomputeWindow(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,6 +90,10 @@ class ChunkWindow(msgspec.Struct, frozen=True, kw_only=True):
     attention_bias: float
     bias_keys: tuple[int, int]
 
+    @property
+    def id(self) -> ChunkId:
+        return ChunkId.of(self)
+
 
 class LifecycleState(msgspec.Struct, frozen=True, kw_only=True):
     """Everything that must be identical on every generator rank.
@@ -122,8 +118,12 @@ class LifecycleState(msgspec.Struct, frozen=True, kw_only=True):
     recompute_mode: str = "none"
     anchor_mode: str = "none"
 
-
-CallKind = Literal["recompute", "denoise"]
+    @property
+    def last_chunk(self) -> ChunkId | None:
+        """The identity of the chunk begun last (None before the first one)."""
+        if self.last_call_id < 0:
+            return None
+        return ChunkId(self.last_call_id, self.last_chunk_index, self.cache_epoch)
 
 
 class CacheLifecycle:
@@ -154,11 +154,44 @@ class CacheLifecycle:
 
     # -- transitions -------------------------------------------------------
     def begin_chunk(self, plan: LifecyclePlan) -> ChunkWindow:
+        """Start the chunk ``plan`` describes: check the transition, decide resets, rebuild and roll.
+
+        Parameters
+        ----------
+        plan : LifecyclePlan
+            A ``ChunkPlan`` (rank 0, the reference) or an ``InferEnvelope`` (stages).
+            Read: ``call_id`` / ``chunk_index`` (each strictly greater than the
+            last chunk's), ``cache_epoch`` (+1 exactly at a hard cut, else
+            unchanged), ``current_start_frame`` (latent frames; 0 at a hard cut,
+            else where the last chunk ended), the reset and recompute flags,
+            ``num_denoise_steps``, ``expected_generator_calls``
+            (``(1 if do_kv_recompute else 0) + num_denoise_steps``),
+            ``context_frame_indices`` (latent frames, strictly increasing,
+            before the chunk, iff recompute) and ``kv_cache_attention_bias``
+            (a positive float; 1.0 = no bias).
+
+        Returns
+        -------
+        ChunkWindow
+            What the tensor cache must do, all indices in tokens: the resets,
+            the recompute rebuild ``[0, recompute.local_end)``, ``roll_tokens``
+            to evict after the sinks, the write window ``[write_start,
+            write_end)`` every call of the chunk overwrites and ``bias_keys``.
+            Also kept as ``self.window`` until ``end_chunk``.
+
+        Raises
+        ------
+        IllegalTransition
+            A chunk is still in progress, or the plan breaks a rule of SPEC
+            section 3 (ids not increasing, epoch skip, wrong start frame,
+            context that does not fit the window, eviction of sink frames).
+            The state is unchanged then.
+        """
         s, g = self._state, self.geometry
-        ids = dict(call_id=plan.call_id, chunk_index=plan.chunk_index, cache_epoch=plan.cache_epoch)
+        chunk = ChunkId.of(plan)
 
         def refuse(text: str) -> None:
-            raise IllegalTransition(text, **ids)
+            raise IllegalTransition(text, chunk=chunk)
 
         if s.in_chunk:
             refuse("begin_chunk while a chunk is still in progress")
@@ -251,35 +284,72 @@ class CacheLifecycle:
         return window
 
     def record_call(self, kind: CallKind) -> int:
-        """Count one generator call; returns its index within the chunk."""
+        """Count one generator call of the chunk in progress, before it runs.
+
+        Parameters
+        ----------
+        kind : {"recompute", "denoise"}
+            ``"recompute"`` only as the first call of a chunk that planned one;
+            ``"denoise"`` for each of the ``num_denoise_steps`` calls after it.
+
+        Returns
+        -------
+        int
+            The call's index within the chunk, from 0.
+
+        Raises
+        ------
+        IllegalTransition
+            No chunk is in progress, or ``kind`` is unknown.
+        CallCountMismatch
+            The call is not the one planned next (an unplanned or late
+            recompute, a denoise before the planned recompute, one call more
+            than ``expected_generator_calls``).
+        """
         s = self._state
-        ids = dict(call_id=s.last_call_id, chunk_index=s.last_chunk_index, cache_epoch=s.cache_epoch)
+        chunk = s.last_chunk
         if not s.in_chunk:
-            raise IllegalTransition(f"{kind} call outside a chunk", **ids)
+            raise IllegalTransition(f"{kind} call outside a chunk", chunk=chunk)
         if kind == "recompute":
             if not s.recompute_planned or s.calls_made != 0:
-                raise CallCountMismatch("recompute call not planned at this point", **ids)
+                raise CallCountMismatch("recompute call not planned at this point", chunk=chunk)
         elif kind == "denoise":
             if s.recompute_planned and s.calls_made == 0:
-                raise CallCountMismatch("denoise call before the planned recompute", **ids)
+                raise CallCountMismatch("denoise call before the planned recompute", chunk=chunk)
             if s.calls_made >= s.expected_calls:
                 raise CallCountMismatch(
-                    f"call {s.calls_made + 1} exceeds the planned {s.expected_calls}", **ids
+                    f"call {s.calls_made + 1} exceeds the planned {s.expected_calls}", chunk=chunk
                 )
         else:
-            raise IllegalTransition(f"unknown call kind {kind!r}", **ids)
+            raise IllegalTransition(f"unknown call kind {kind!r}", chunk=chunk)
         self._state = msgspec.structs.replace(s, calls_made=s.calls_made + 1, crossattn_is_init=True)
         return s.calls_made
 
     def end_chunk(self) -> LifecycleState:
-        """Advance pointers once; refuses unless exactly the planned calls ran."""
+        """Close the chunk in progress and advance the cache pointers, once per chunk.
+
+        Returns
+        -------
+        LifecycleState
+            The new state: ``local_end_index`` / ``global_end_index`` (tokens)
+            at the end of the chunk's write window, ``next_start_frame`` one
+            chunk on. Its ``digest()`` is what every rank compares.
+
+        Raises
+        ------
+        IllegalTransition
+            No chunk is in progress.
+        CallCountMismatch
+            Fewer generator calls ran than the plan's ``expected_generator_calls``
+            (the chunk stays open).
+        """
         s = self._state
-        ids = dict(call_id=s.last_call_id, chunk_index=s.last_chunk_index, cache_epoch=s.cache_epoch)
+        chunk = s.last_chunk
         if not s.in_chunk or self._window is None:
-            raise IllegalTransition("end_chunk without a chunk in progress", **ids)
+            raise IllegalTransition("end_chunk without a chunk in progress", chunk=chunk)
         if s.calls_made != s.expected_calls:
             raise CallCountMismatch(
-                f"chunk ended after {s.calls_made} generator calls, planned {s.expected_calls}", **ids
+                f"chunk ended after {s.calls_made} generator calls, planned {s.expected_calls}", chunk=chunk
             )
         w = self._window
         self._state = msgspec.structs.replace(

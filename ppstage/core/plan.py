@@ -6,6 +6,10 @@ from typing import Literal
 
 import msgspec
 
+from protocol import AnchorMode, ChunkId, RecomputeMode
+
+__all__ = ["ChunkPlan", "ContextSource"]
+
 ContextSource = Literal["none", "early", "decoded", "latent"]
 
 
@@ -34,14 +38,19 @@ class ChunkPlan(msgspec.Struct, frozen=True, kw_only=True):
     expected_generator_calls: int
     kv_cache_attention_bias: float
     denoising_step_list: tuple[int, ...]
-    recompute_mode: Literal["r1", "r0a", "r0"]
-    anchor_mode: Literal["none", "decoded", "latent"]
+    recompute_mode: RecomputeMode
+    anchor_mode: AnchorMode
     context_frame_indices: tuple[int, ...]
     context_source: ContextSource
     anchor_frame: int | None
     prompt: str
     base_seed: int
     forced_cut: bool = False
+
+    @property
+    def id(self) -> ChunkId:
+        """The plan's identity, stamped on its envelope and every message of the chunk."""
+        return ChunkId.of(self)
 
     @property
     def end_frame(self) -> int:

@@ -14,10 +14,23 @@ from typing import Union
 
 import msgspec
 
-from protocol import ProtocolError
+from protocol import ANCHOR_FOR_MODE, ChunkId
 
-from ppstage.config import PPStageConfig
+from ppstage.config import PPStageConfig, step_list_problem
 from ppstage.core.plan import ChunkPlan
+from ppstage.errors import PPStageError
+
+
+__all__ = [
+    "AttentionBiasChange",
+    "HardCut",
+    "Intent",
+    "Planner",
+    "PlannerError",
+    "PromptUpdate",
+    "StepListChange",
+    "StreamStart",
+]
 
 
 class HardCut(msgspec.Struct, frozen=True, tag="hard_cut"):
@@ -42,22 +55,20 @@ class StepListChange(msgspec.Struct, frozen=True, tag="step_list"):
 
 Intent = Union[HardCut, StreamStart, PromptUpdate, AttentionBiasChange, StepListChange]
 
-ANCHOR_FOR_MODE = {"r1": "none", "r0a": "decoded", "r0": "latent"}
 
-
-class PlannerError(ProtocolError):
+class PlannerError(PPStageError):
     """An intent or request the planner cannot honour (typed, never silent)."""
 
 
-class ControlIds(msgspec.Struct, frozen=True):
-    """Identity stamped on a NOOP / SHUTDOWN / ERROR message."""
-
-    call_id: int
-    chunk_index: int
-    cache_epoch: int
-
-
 class Planner:
+    """Rank 0's maker of every lifecycle decision (see the module docstring).
+
+    Parameters
+    ----------
+    config : PPStageConfig
+        Chunk size, RoPE limit, recompute mode and cadence, default step list and seed.
+    """
+
     def __init__(self, config: PPStageConfig) -> None:
         self.config = config
         self._pending: list[Intent] = []
@@ -79,17 +90,35 @@ class Planner:
         if isinstance(intent, AttentionBiasChange) and not (0.0 < intent.bias < float("inf")):
             raise PlannerError(f"attention bias must be positive and finite, got {intent.bias}")
         if isinstance(intent, StepListChange):
-            steps = list(intent.steps)
-            if not steps or steps != sorted(steps, reverse=True) or len(set(steps)) != len(steps):
-                raise PlannerError(f"step list must be strictly decreasing, got {intent.steps}")
-            if any(not 0 < t <= 1000 for t in steps):
-                raise PlannerError("timesteps must lie in (0, 1000]")
+            problem = step_list_problem(intent.steps)
+            if problem is not None:
+                raise PlannerError(f"step list {problem}")
         if isinstance(intent, (StreamStart, PromptUpdate)) and not intent.prompt.strip():
             raise PlannerError("a prompt must not be empty")
         self._pending.append(intent)
 
     def next_chunk(self) -> ChunkPlan:
-        """Apply pending intents at this boundary and plan the next chunk."""
+        """Apply the pending intents at this chunk boundary and plan the next chunk.
+
+        A ``StreamStart`` or ``HardCut`` starts a new epoch (``init_cache``, frame 0);
+        so does running out of the RoPE table (``forced_cut``). Otherwise the
+        chunk continues the epoch, with a recompute every ``recompute.cadence``
+        chunks unless the mode is ``r1``. Pure: no I/O, no clock.
+
+        Returns
+        -------
+        ChunkPlan
+            Immutable. ``call_id`` and ``chunk_index`` strictly increase;
+            ``current_start_frame`` and ``context_frame_indices`` are in latent
+            frames; ``denoising_step_list`` holds integer timesteps in
+            ``(0, 1000]``, strictly decreasing; ``expected_generator_calls`` is
+            ``(1 if do_kv_recompute else 0) + num_denoise_steps``.
+
+        Raises
+        ------
+        PlannerError
+            No stream: no ``StreamStart`` was ever submitted.
+        """
         cut = False
         prompt_changed = False
         for intent in self._pending:
@@ -148,7 +177,7 @@ class Planner:
             kv_cache_attention_bias=self._bias,
             denoising_step_list=steps,
             recompute_mode=mode,
-            anchor_mode=ANCHOR_FOR_MODE[mode],  # type: ignore[arg-type]
+            anchor_mode=ANCHOR_FOR_MODE[mode],
             context_frame_indices=ctx,
             context_source=source,  # type: ignore[arg-type]
             anchor_frame=anchor,
@@ -162,9 +191,9 @@ class Planner:
         self._chunk_in_epoch += 1
         return plan
 
-    def control_ids(self) -> ControlIds:
-        """Consume a call_id for a NOOP / SHUTDOWN / ERROR message."""
-        ids = ControlIds(
+    def control_ids(self) -> ChunkId:
+        """Consume a call_id for a NOOP / SHUTDOWN / ERROR message (the latest chunk's index and epoch)."""
+        ids = ChunkId(
             call_id=self._next_call_id,
             chunk_index=max(0, self._next_chunk_index - 1),
             cache_epoch=max(0, self._epoch),

@@ -1,4 +1,4 @@
-"""Default process group start-up, with the config's timeout."""
+"""Default process group start-up, with the config's start-up timeout."""
 
 from __future__ import annotations
 
@@ -18,8 +18,13 @@ def init_process_group(
 ) -> None:
     """Initialise the default process group for this rank.
 
-    Uses ``config.topology.backend`` and ``config.runtime.pg_timeout_s``, and the
-    TCP store at ``master_addr:master_port`` (rank 0 hosts it). With
+    Uses ``config.topology.backend`` and ``config.runtime.startup_timeout_s``
+    (minutes: the rendezvous and the world group's only collective, the parity
+    handshake, wait for ranks that start late on other nodes), and the TCP
+    store at ``master_addr:master_port`` (rank 0 hosts it). Every group used
+    after start-up is created by ``build_groups`` with the short steady-state
+    ``runtime.pg_timeout_s``, as torchtitan shortens its timeouts after the
+    first step (``set_pg_timeouts``); the world group is not used again. With
     ``master_addr=None`` it reads ``MASTER_ADDR``/``MASTER_PORT`` from the
     environment (``env://``, as set by torchrun).
 
@@ -38,5 +43,5 @@ def init_process_group(
         init_method=init_method,
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=config.runtime.pg_timeout_s),
+        timeout=timedelta(seconds=config.runtime.startup_timeout_s),
     )

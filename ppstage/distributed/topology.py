@@ -31,9 +31,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import msgspec
 
-from protocol import ProtocolError
-
 from ppstage.config import ConfigError, PPStageConfig
+from ppstage.errors import PPStageError
 
 if TYPE_CHECKING:  # torch stays out of import time for pure-logic users
     import torch
@@ -50,7 +49,7 @@ __all__ = [
 ]
 
 
-class WrongGroup(ProtocolError):
+class WrongGroup(PPStageError):
     """A collective or P2P call named a group this rank must not use (refused before issuing)."""
 
 
@@ -269,8 +268,10 @@ def build_groups(config: PPStageConfig, rank: int) -> ProcessGroups:
 
     Order: stage meshes 1..K (only when ``tp > 1``), then the link groups of
     ``link_group_keys``. Each ``new_group`` is called on every rank, members or
-    not, with ``use_local_synchronization=False`` and the config's
-    ``runtime.pg_timeout_s``. Call it once, after ``parity_handshake``.
+    not, with ``use_local_synchronization=False`` and the config's steady-state
+    ``runtime.pg_timeout_s`` (seconds, not the start-up timeout: every rank has
+    passed the parity handshake, so a peer that is slower than this now is
+    dead, not late). Call it once, after ``parity_handshake``.
     """
     import torch.distributed as dist
 

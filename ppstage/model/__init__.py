@@ -1,11 +1,12 @@
 """The embedded reference model: causal generator, scheduler, toy VAE and text encoder.
 
 See docs/models.md. ``GeneratorStage`` is the interface the distributed
-runtime drives; ``tensor_digest`` is the one output digest.
+runtime drives; ``tensor_digest`` (from ``ppstage.digests``) is the one output digest.
 """
 
+from ppstage.digests import tensor_digest
 from ppstage.model.backend import GeneratorBackend, Stage0Backend, ToyStage0
-from ppstage.model.digest import derive_seed, tensor_digest
+from ppstage.model.seeds import derive_seed
 from ppstage.model.scheduler import (
     RECOMPUTE_TIMESTEP,
     FlowMatchScheduler,

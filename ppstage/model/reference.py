@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ppstage.config import PPStageConfig
 from ppstage.errors import StateDivergence
-from ppstage.model.digest import tensor_digest
+from ppstage.digests import tensor_digest
 from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_chunk
 from ppstage.model.loader import build_generator
 from ppstage.core.plan import ChunkPlan
@@ -106,8 +106,7 @@ class ReferencePipeline:
         digests = {s.state_digest() for s in self.stages}
         if len(digests) != 1:
             raise StateDivergence(
-                "stages of one pipeline disagree on the lifecycle state",
-                call_id=plan.call_id, chunk_index=plan.chunk_index, cache_epoch=plan.cache_epoch,
+                "stages of one pipeline disagree on the lifecycle state", chunk=plan.id
             )
         self.stream.record_latents(plan, latents_out)
         pixels = self.stream.decode(plan, latents_out)

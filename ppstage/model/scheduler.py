@@ -21,7 +21,7 @@ from typing import Protocol
 from torch import Tensor
 
 from ppstage.config import PPStageConfig
-from ppstage.model.digest import seeded_randn
+from ppstage.model.seeds import seeded_randn
 
 RECOMPUTE_TIMESTEP = 0.0
 """The recompute call sees clean context frames: timestep 0."""

@@ -14,35 +14,26 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from protocol import ProtocolError, digest_bytes
+from protocol import ChunkId, digest_bytes
 
 from ppstage.config import PPStageConfig
 from ppstage.core.lifecycle import (
-    CacheGeometry,
     CacheLifecycle,
     CallKind,
     ChunkWindow,
     LifecyclePlan,
     LifecycleState,
 )
+from ppstage.errors import PPStageError
 from ppstage.model.transformer import Block, Head, LayerCache, PatchEmbed, RotaryTable, TimeEmbedding
 
 
-class StageInputError(ProtocolError):
+class StageInputError(PPStageError):
     """A tensor handed to a stage does not fit the call (shape or dtype)."""
 
 
 def _no_mesh(t: Tensor) -> Tensor:
     return t
-
-
-def cache_geometry(config: PPStageConfig) -> CacheGeometry:
-    return CacheGeometry(
-        window_frames=config.cache.window_frames,
-        sink_frames=config.cache.sink_frames,
-        tokens_per_frame=config.model.tokens_per_frame,
-        chunk_frames=config.cache.chunk_frames,
-    )
 
 
 class GeneratorStage:
@@ -74,7 +65,7 @@ class GeneratorStage:
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.is_first = a == 0
         self.is_last = b == m.layers
-        self.lifecycle = CacheLifecycle(cache_geometry(config))
+        self.lifecycle = CacheLifecycle(config.cache_geometry())
         self._reduce = reduce if reduce is not None else _no_mesh
         self._time = TimeEmbedding(m)
         self._rope = RotaryTable(m)
@@ -98,7 +89,7 @@ class GeneratorStage:
             raise StageInputError(
                 f"conditioning {tuple(conditioning.shape)} {conditioning.dtype}, "
                 f"expected {want} float32",
-                call_id=plan.call_id, chunk_index=plan.chunk_index, cache_epoch=plan.cache_epoch,
+                chunk=ChunkId.of(plan),
             )
         window = self.lifecycle.begin_chunk(plan)
         # Order matters (ChunkWindow): reset, cross-attn reset, recompute rebuild, roll.
@@ -187,7 +178,7 @@ class GeneratorStage:
         if tuple(x.shape) != want or x.dtype != torch.float32:
             raise StageInputError(
                 f"stage {self.layer_range} got {tuple(x.shape)} {x.dtype}, expected {want} float32",
-                call_id=w.call_id, chunk_index=w.chunk_index, cache_epoch=w.cache_epoch,
+                chunk=w.id,
             )
         return self.patch_embed(x) if self.patch_embed is not None else x
 

@@ -26,16 +26,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from protocol import ProtocolError
-
 from ppstage.config import PPStageConfig
+from ppstage.errors import PPStageError
 from ppstage.model.backend import Stage0Backend
 from ppstage.model.loader import build_stage0
 from ppstage.model.scheduler import initial_latents, latent_shape
 from ppstage.core.plan import ChunkPlan
 
 
-class StreamInputError(ProtocolError):
+class StreamInputError(PPStageError):
     """Stage 0 cannot build or accept a chunk's tensors."""
 
 
@@ -55,10 +54,6 @@ class ChunkInputs:
     conditioning: Tensor  # [text_tokens, text_dim] float32
     step_list: Tensor  # [num_denoise_steps] int64
     context_frames: Tensor | None  # [n, C, H, W] float32 iff plan.do_kv_recompute
-
-
-def _ids(plan: ChunkPlan) -> dict[str, int]:
-    return dict(call_id=plan.call_id, chunk_index=plan.chunk_index, cache_epoch=plan.cache_epoch)
 
 
 class StreamInputs:
@@ -114,7 +109,7 @@ class StreamInputs:
     def record_latents(self, plan: ChunkPlan, latents_out: Tensor) -> None:
         if tuple(latents_out.shape) != self._shape:
             raise StreamInputError(
-                f"latents_out {tuple(latents_out.shape)} != {self._shape}", **_ids(plan)
+                f"latents_out {tuple(latents_out.shape)} != {self._shape}", chunk=plan.id
             )
         with self._lock:
             self._enter_epoch(plan)
@@ -138,7 +133,7 @@ class StreamInputs:
     # -- internals ---------------------------------------------------------
     def _enter_epoch(self, plan: ChunkPlan) -> None:
         if plan.cache_epoch < self._epoch:
-            raise StaleInputs(f"plan of epoch {plan.cache_epoch}, serving {self._epoch}", **_ids(plan))
+            raise StaleInputs(f"plan of epoch {plan.cache_epoch}, serving {self._epoch}", chunk=plan.id)
         if plan.cache_epoch > self._epoch:  # hard cut: nothing of the old epoch may leak
             self._epoch = plan.cache_epoch
             self._latents.clear()
@@ -150,11 +145,11 @@ class StreamInputs:
         src = plan.context_source
         if src == "decoded":
             if plan.anchor_frame is None or not idx or idx[0] != plan.anchor_frame:
-                raise ContextUnavailable("decoded context must start at its anchor frame", **_ids(plan))
+                raise ContextUnavailable("decoded context must start at its anchor frame", chunk=plan.id)
             return idx[1:], (plan.anchor_frame,)
         if src in ("early", "latent"):
             return idx, ()
-        raise ContextUnavailable(f"recompute planned with context source {src!r}", **_ids(plan))
+        raise ContextUnavailable(f"recompute planned with context source {src!r}", chunk=plan.id)
 
     def _context(self, plan: ChunkPlan) -> Tensor:
         with self._lock:
@@ -164,7 +159,7 @@ class StreamInputs:
             if missing or missing_px:
                 raise ContextUnavailable(
                     f"context needs latents {missing} and decoded frames {missing_px}, not held",
-                    **_ids(plan),
+                    chunk=plan.id,
                 )
             latents = [self._latents[f] for f in latent_frames]
             pixels = [self._decoded[f] for f in decoded_frames]

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ppstage.config import ModelConfig
-from ppstage.model.digest import seeded_randn
+from ppstage.model.seeds import seeded_randn
 
 PAD = "<pad>"
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ppstage.config import ModelConfig
-from ppstage.model.digest import seeded_generator
+from ppstage.model.seeds import seeded_generator
 
 Reduce = Callable[[Tensor], Tensor]
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ppstage.config import ModelConfig
-from ppstage.model.digest import seeded_generator
+from ppstage.model.seeds import seeded_generator
 
 
 class ToyVAE:

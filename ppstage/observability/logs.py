@@ -11,6 +11,8 @@ import sys
 
 import structlog
 
+from protocol import ChunkId
+
 
 def configure(*, rank: int, stage: int, json: bool = False, level: str = "info") -> None:
     """Configure structlog for this process (call once, at start-up)."""
@@ -34,6 +36,10 @@ def configure(*, rank: int, stage: int, json: bool = False, level: str = "info")
     structlog.contextvars.bind_contextvars(rank=rank, stage=stage)
 
 
-def ids_of(msg) -> dict[str, int]:
-    """The identity fields every commitment-point log line carries."""
-    return {"call_id": msg.call_id, "chunk_index": msg.chunk_index, "cache_epoch": msg.cache_epoch}
+def ids_of(obj: object) -> dict[str, int]:
+    """The identity fields every commitment-point log line carries: ``ChunkId.of(obj)``'s.
+
+    ``obj`` is a ``ChunkId`` or anything that carries one (a wire message, a
+    ``ChunkPlan``, a lifecycle window). Use as ``log.info("sent", **ids_of(msg))``.
+    """
+    return ChunkId.of(obj).fields()

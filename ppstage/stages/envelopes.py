@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from protocol import ChunkResult, InferEnvelope, StageHop, StageReport
+from protocol import (
+    CallKind,
+    ChunkId,
+    ChunkResult,
+    HopTarget,
+    InferEnvelope,
+    StageHop,
+    StageReport,
+    hop_tensor_name,
+)
 
 from ppstage.core.plan import ChunkPlan
 from ppstage.model.stream_inputs import ChunkInputs
@@ -24,9 +33,7 @@ def infer_envelope(plan: ChunkPlan, inputs: ChunkInputs) -> tuple[InferEnvelope,
     specs = tuple(make_spec(n, t, with_digest=True) for n, t in zip(names, tensors))
     f, c, h, w = inputs.latents_in.shape
     env = InferEnvelope(
-        call_id=plan.call_id,
-        chunk_index=plan.chunk_index,
-        cache_epoch=plan.cache_epoch,
+        **plan.id.fields(),
         height=h,
         width=w,
         num_frames=f,
@@ -51,21 +58,19 @@ def infer_envelope(plan: ChunkPlan, inputs: ChunkInputs) -> tuple[InferEnvelope,
 def hop(
     env: InferEnvelope,
     *,
-    call_kind: str,
+    call_kind: CallKind,
     step: int,
-    target: str,
+    target: HopTarget,
     tensor: torch.Tensor,
     stages: tuple[StageReport, ...] = (),
 ) -> StageHop:
-    name = "hidden" if target == "hidden" else "latents"
+    """The hop of one generator call of ``env``'s chunk, carrying ``tensor`` (no digest)."""
     return StageHop(
-        call_id=env.call_id,
-        chunk_index=env.chunk_index,
-        cache_epoch=env.cache_epoch,
-        call_kind=call_kind,  # type: ignore[arg-type]
+        **env.id.fields(),
+        call_kind=call_kind,
         step=step,
-        target=target,  # type: ignore[arg-type]
-        tensors=(make_spec(name, tensor),),
+        target=target,
+        tensors=(make_spec(hop_tensor_name(target), tensor),),
         stages=stages,
     )
 
@@ -73,10 +78,9 @@ def hop(
 def ok_result(
     env: InferEnvelope, latents_out: torch.Tensor, output_digest: str, stages: tuple[StageReport, ...]
 ) -> ChunkResult:
+    """The chunk's ok result: ``latents_out`` (with its digest) and every stage's report."""
     return ChunkResult(
-        call_id=env.call_id,
-        chunk_index=env.chunk_index,
-        cache_epoch=env.cache_epoch,
+        **env.id.fields(),
         ok=True,
         observed_generator_calls=stages[-1].observed_generator_calls,
         stages=stages,
@@ -85,11 +89,6 @@ def ok_result(
     )
 
 
-def error_result(ids, reason: str) -> ChunkResult:
-    return ChunkResult(
-        call_id=ids.call_id,
-        chunk_index=ids.chunk_index,
-        cache_epoch=ids.cache_epoch,
-        ok=False,
-        error=reason,
-    )
+def error_result(chunk: ChunkId, reason: str) -> ChunkResult:
+    """An error result for ``chunk``: ``reason``, no tensors."""
+    return ChunkResult(**chunk.fields(), ok=False, error=reason)

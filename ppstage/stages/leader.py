@@ -23,6 +23,7 @@ import structlog
 import torch
 
 from protocol import (
+    ChunkId,
     ErrorEnvelope,
     InferEnvelope,
     NoopEnvelope,
@@ -34,10 +35,10 @@ from protocol import (
 )
 
 from ppstage.config import PPStageConfig
-from ppstage.errors import ChannelDead, WatchdogExpired
+from ppstage.errors import ChannelDead, PPStageError, UnexpectedMessage, UpstreamFailed, WatchdogExpired
 from ppstage.faults.drills import fault_from_env, out_of_band_reset
 from ppstage.observability.logs import ids_of
-from ppstage.model.digest import tensor_digest
+from ppstage.digests import tensor_digest
 from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step
 from ppstage.model.backend import GeneratorBackend
 from ppstage.model.loader import build_generator
@@ -102,6 +103,28 @@ class StageLeader:
             self._log.info("sigterm: waiting for SHUTDOWN from rank 0")
 
     async def run(self) -> int:
+        """Serve envelopes from upstream until ``SHUTDOWN`` or a terminal error.
+
+        Per ``INFER``: forward it (unless last), run the chunk's generator
+        calls over this stage's layers, in lockstep with the mesh, hop hidden
+        states to the next leader and, on the last stage, send the result to
+        rank 0. ``NOOP`` and ``SHUTDOWN`` are relayed down the chain and into
+        the mesh. Every wait has a deadline (``runtime.stage_idle_deadline_s``;
+        after SIGTERM at most ``runtime.drain_deadline_s``).
+
+        Returns
+        -------
+        int
+            The process exit code: 0 after relaying ``SHUTDOWN``, 1 after a
+            terminal ``ERROR`` (received, or raised here and then published
+            into the mesh and sent on, naming the chunk).
+
+        Notes
+        -----
+        Never raises: a ``ProtocolError`` (an invalid message), a ``PPStageError``
+        (illegal transition, call count, watchdog, dead channel, ...) or any
+        other exception becomes the terminal ``ERROR`` and exit code 1.
+        """
         current: Any = None
         try:
             while True:
@@ -122,12 +145,12 @@ class StageLeader:
                 elif action == "ERROR":
                     return await self._relay_error(msg)
                 else:
-                    raise ProtocolError(f"unexpected {action} while waiting for an envelope", **ids_of(msg))
-        except ProtocolError as exc:
+                    raise UnexpectedMessage(f"unexpected {action} while waiting for an envelope", chunk=msg.id)
+        except (ProtocolError, PPStageError) as exc:
             return await self._terminal(current, exc)
         except Exception as exc:  # a bug or a torch error: still end the chain loudly
             self._log.exception("stage failed")
-            return await self._terminal(current, ProtocolError(f"{type(exc).__name__}: {exc}"))
+            return await self._terminal(current, PPStageError(f"{type(exc).__name__}: {exc}"))
 
     # -- one chunk -----------------------------------------------------------
     async def _chunk(self, env: InferEnvelope, tensors: dict[str, torch.Tensor]) -> None:
@@ -216,14 +239,14 @@ class StageLeader:
     def _end(self, env: InferEnvelope, last_output: torch.Tensor):
         state = self.model.end_chunk()
         if self.relay.active:
-            self.relay.check_digests(self.model.state_digest(), tensor_digest(last_output), ids_of(env))
+            self.relay.check_digests(self.model.state_digest(), tensor_digest(last_output), env.id)
         return state
 
     async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     # -- receiving with deadlines -----------------------------------------------
-    async def _next(self, queue: asyncio.Queue[Inbound], what: str) -> Inbound:
+    async def _next(self, queue: asyncio.Queue[Inbound], what: str, chunk: ChunkId | None = None) -> Inbound:
         deadline = self._idle_s
         if self._drain_by is not None:
             deadline = min(deadline, self._drain_by - time.monotonic())
@@ -236,23 +259,25 @@ class StageLeader:
         if self.fatal in done:
             raise self.fatal.result()
         if self._drain_by is not None and time.monotonic() >= self._drain_by:
-            raise WatchdogExpired("SIGTERM received and no SHUTDOWN arrived within the drain deadline")
-        raise WatchdogExpired(f"no message within {self._idle_s:.1f}s while waiting for {what}")
+            raise WatchdogExpired(
+                "SIGTERM received and no SHUTDOWN arrived within the drain deadline", chunk=chunk
+            )
+        raise WatchdogExpired(f"no message within {self._idle_s:.1f}s while waiting for {what}", chunk=chunk)
 
     async def _hop(self, queue, env: InferEnvelope, kind: str, step: int, target: str) -> Inbound:
-        item = await self._next(queue, f"the {kind} hop of step {step}")
+        item = await self._next(queue, f"the {kind} hop of step {step}", env.id)
         msg = item.msg
         if item.error is not None:
             raise item.error
         if isinstance(msg, ErrorEnvelope):
-            raise ProtocolError(f"upstream failed: {msg.reason}", **ids_of(msg))
+            raise UpstreamFailed(f"upstream failed: {msg.reason}", chunk=msg.id)
         if not isinstance(msg, StageHop) or (
             msg.cache_epoch, msg.call_id, msg.chunk_index, msg.call_kind, msg.step, msg.target
         ) != (env.cache_epoch, env.call_id, env.chunk_index, kind, step, target):
-            raise ProtocolError(
+            raise UnexpectedMessage(
                 f"expected the {kind} {target} hop of step {step}, got {action_of(msg)} "
                 f"{getattr(msg, 'call_kind', '')} step {getattr(msg, 'step', '')}",
-                **ids_of(msg),
+                chunk=msg.id,
             )
         return item
 
@@ -268,23 +293,20 @@ class StageLeader:
         if not self.last:
             await self._best_effort(self.transport.send(self.next_rank, msg, []))
         elif msg.origin_rank != 0:
-            await self._best_effort(self.transport.send(0, error_result(msg, msg.reason), []))
+            await self._best_effort(self.transport.send(0, error_result(msg.id, msg.reason), []))
         if self.role.handback_dst is not None:
             await self._best_effort(self.transport.send(self.role.handback_dst, msg, []))
         return 1
 
-    async def _terminal(self, current: Any, exc: ProtocolError) -> int:
+    async def _terminal(self, current: Any, exc: ProtocolError | PPStageError) -> int:
         """Invalid input or a broken contract: end the mesh, tell rank 0, exit non-zero."""
-        ids = dict(
-            call_id=exc.call_id if exc.call_id is not None else getattr(current, "call_id", 0),
-            chunk_index=exc.chunk_index if exc.chunk_index is not None else getattr(current, "chunk_index", 0),
-            cache_epoch=exc.cache_epoch if exc.cache_epoch is not None else getattr(current, "cache_epoch", 0),
-        )
+        # The error's own chunk, else the message being handled, else zeros (before any message).
+        chunk = exc.chunk or ChunkId.find(current) or ChunkId(0, 0, 0)
         reason = f"stage {self.role.stage} (rank {self.role.rank}): {type(exc).__name__}: {exc}"
-        self._log.error("stage failed", reason=reason, **ids)
+        self._log.error("stage failed", reason=reason, **chunk.fields())
         if isinstance(exc, ChannelDead):
             return 1  # the link is gone or half-framed: never send on it again
-        err = ErrorEnvelope(reason=reason, origin_rank=self.role.rank, **ids)
+        err = ErrorEnvelope(reason=reason, origin_rank=self.role.rank, **chunk.fields())
         return await self._relay_error(err)
 
     @staticmethod
@@ -322,12 +344,12 @@ class MeshFollower:
                     self.model.begin_chunk(env, tensors["conditioning_embeds"])
                 elif isinstance(msg, StageHop):
                     if env is None or (msg.cache_epoch, msg.call_id) != (env.cache_epoch, env.call_id):
-                        raise ProtocolError("mesh hop without its envelope", **ids_of(msg))
+                        raise UnexpectedMessage("mesh hop without its envelope", chunk=msg.id)
                     t = RECOMPUTE_TIMESTEP if msg.call_kind == "recompute" else float(steps[msg.step])
                     y = self.model.run_call(msg.call_kind, t, next(iter(tensors.values())))
                     if self.model.lifecycle.state.calls_made == env.expected_generator_calls:
                         self.model.end_chunk()
-                        self.relay.check_digests(self.model.state_digest(), tensor_digest(y), ids_of(env))
+                        self.relay.check_digests(self.model.state_digest(), tensor_digest(y), env.id)
                         if self.fault is not None and self.fault.fires("reset_cache_one_rank", env.chunk_index):
                             out_of_band_reset(self.model)  # B6
                 elif isinstance(msg, ShutdownEnvelope):
@@ -336,7 +358,7 @@ class MeshFollower:
                 elif isinstance(msg, ErrorEnvelope):
                     self._log.error("terminal action from leader", reason=msg.reason, **ids_of(msg))
                     return 1
-        except ProtocolError as exc:
+        except (ProtocolError, PPStageError) as exc:
             self._log.error("mesh follower failed", reason=str(exc), error=type(exc).__name__)
             return 1
         except Exception as exc:  # a collective failing because a mesh peer died

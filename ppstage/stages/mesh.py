@@ -18,6 +18,7 @@ import torch
 
 from protocol import (
     HEADER_SIZE,
+    ChunkId,
     MAX_META_BYTES,
     WireMessage,
     action_of,
@@ -54,8 +55,8 @@ class MeshRelay:
     def publish(self, msg: WireMessage, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
         if not self.active:
             return
-        ids = dict(call_id=msg.call_id, chunk_index=msg.chunk_index, cache_epoch=msg.cache_epoch)
-        _, flats = prepare_tensors(msg.tensors, tensors, torch.device("cpu"), fill_digests=False, ids=ids)
+        chunk = msg.id
+        _, flats = prepare_tensors(msg.tensors, tensors, torch.device("cpu"), fill_digests=False, chunk=chunk)
         head, meta = encode_frame(msg)
         self._header.copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
         self.comm.broadcast(self._header, self.leader_rank)
@@ -64,7 +65,7 @@ class MeshRelay:
         self.comm.broadcast(view, self.leader_rank)
         for flat in flats:
             self.comm.broadcast(flat, self.leader_rank)
-        self._log.debug("mesh.published", action=action_of(msg), **ids)
+        self._log.debug("mesh.published", action=action_of(msg), **chunk.fields())
 
     def receive(self) -> tuple[WireMessage, dict[str, torch.Tensor]]:
         self.comm.broadcast(self._header, self.leader_rank)
@@ -80,7 +81,7 @@ class MeshRelay:
             tensors[spec.name] = rebuild(spec, flat)
         return msg, tensors
 
-    def check_digests(self, state_digest: str, output_digest: str, ids: dict[str, int]) -> None:
+    def check_digests(self, state_digest: str, output_digest: str, chunk: ChunkId) -> None:
         """Every mesh rank compares (lifecycle state, last call's output) with the others'.
 
         Two 16-byte digests in one all_gather: the state must be identical, and
@@ -98,4 +99,4 @@ class MeshRelay:
             values = [g[part].hex() for g in gathered]
             if len(set(values)) != 1:
                 detail = ", ".join(f"rank {r}: {v[:8]}" for r, v in zip(ranks, values))
-                raise StateDivergence(f"mesh ranks hold different {what} ({detail})", **ids)
+                raise StateDivergence(f"mesh ranks hold different {what} ({detail})", chunk=chunk)

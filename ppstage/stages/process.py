@@ -22,11 +22,11 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from protocol import ProtocolError
+from protocol import ChunkError
 
 from ppstage.observability import logs
 from ppstage.config import PPStageConfig
-from ppstage.errors import ParityError
+from ppstage.errors import ParityError, WatchdogExpired
 from ppstage.model.reference import StreamScript
 
 EXIT_FAILED, EXIT_PARITY = 1, 2  # 0 after an orderly SHUTDOWN
@@ -96,7 +96,7 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
     loop = asyncio.get_running_loop()
     fatal: asyncio.Future = loop.create_future()
 
-    def on_fatal(exc: ProtocolError) -> None:
+    def on_fatal(exc: ChunkError) -> None:
         log.error("channel failed", reason=str(exc), error=type(exc).__name__)
         if not fatal.done():
             fatal.set_result(exc)
@@ -112,7 +112,7 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
         if not ending:
             ending.append(True)
             reason = f"{type(msg).__name__} received but the actor did not stop"
-            loop.call_later(FATAL_GRACE_S, _hard_exit, log, ProtocolError(reason))
+            loop.call_later(FATAL_GRACE_S, _hard_exit, log, WatchdogExpired(reason))
 
     transport = Transport(
         config, role, groups, loop=loop, geometry=config.wire_geometry(),
@@ -150,7 +150,7 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
     return await leader.run()
 
 
-def _hard_exit(log, exc: ProtocolError) -> None:
+def _hard_exit(log, exc: ChunkError) -> None:
     log.error("actor did not stop in time; exiting", reason=str(exc))
     exit_process(EXIT_FAILED)
 

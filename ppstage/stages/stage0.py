@@ -38,13 +38,19 @@ from protocol import (
 )
 
 from ppstage.config import PPStageConfig
-from ppstage.errors import StateDivergence, WatchdogExpired
+from ppstage.errors import (
+    GateError,
+    PPStageError,
+    StateDivergence,
+    UnexpectedMessage,
+    UpstreamFailed,
+    WatchdogExpired,
+)
 from ppstage.faults.drills import fault_from_env
 from ppstage.core.gate import EpochGate
 from ppstage.core.lifecycle import CacheLifecycle
 from ppstage.observability.logs import ids_of
-from ppstage.model.digest import tensor_digest
-from ppstage.model.stage import cache_geometry
+from ppstage.digests import tensor_digest
 from ppstage.core.plan import ChunkPlan
 from ppstage.core.planner import Intent, Planner
 from ppstage.model.reference import StreamScript
@@ -100,7 +106,7 @@ class Stage0Actor:
         self.planner = Planner(config)
         self.gate = EpochGate()
         self.stream = StreamInputs(config)
-        self.shadow = CacheLifecycle(cache_geometry(config))
+        self.shadow = CacheLifecycle(config.cache_geometry())
         # One JSON line per chunk once its outcome is final (what the demo's
         # digest check reads): the in-memory ledger keeps only a recent ring.
         self._stream = open(chunk_stream, "ab") if chunk_stream is not None else None
@@ -141,6 +147,29 @@ class Stage0Actor:
 
     # -- main ----------------------------------------------------------------
     async def run(self) -> Stage0Outcome:
+        """Stream ``chunks`` chunks through the pipeline, then drain and shut it down.
+
+        Runs on the event loop that owns the transport: the producer (plan,
+        build inputs, send within ``runtime.d_in`` credit), the receiver
+        (epoch gate, checks against the shadow lifecycle), the decoder (a
+        worker thread, ``runtime.d_out`` queue) and keepalives run as tasks.
+        After the last chunk (or ``on_sigterm``) it drains every owed result
+        and decode within ``runtime.drain_deadline_s`` and sends ``SHUTDOWN``.
+
+        Returns
+        -------
+        Stage0Outcome
+            ``exit_code`` 0 after an orderly shutdown, 1 after any failure;
+            ``summary`` (fps, periods in seconds, drops by reason), the
+            per-chunk ``events`` and, on failure, ``error`` as
+            ``"TypeName: message (call_id=.., chunk_index=.., cache_epoch=..)"``.
+
+        Notes
+        -----
+        Never raises: every ``ProtocolError``, ``PPStageError`` (watchdog, gate,
+        digest, channel) or unexpected exception ends the run with exit code
+        1, after an ``ERROR`` was sent down the chain (best effort, 2 s).
+        """
         t_start = time.perf_counter()
         tasks = [
             asyncio.ensure_future(self._receive()),
@@ -151,11 +180,11 @@ class Stage0Actor:
         try:
             await self._until(producer, tasks)
             await self._drain(tasks)
-            ids = self.planner.control_ids()
-            await self.transport.send(self.leader1, ShutdownEnvelope(**ids_of(ids)), [])
-            self._log.info("shutdown sent", **ids_of(ids))
+            chunk = self.planner.control_ids()
+            await self.transport.send(self.leader1, ShutdownEnvelope(**chunk.fields()), [])
+            self._log.info("shutdown sent", **chunk.fields())
             code, error = 0, None
-        except ProtocolError as exc:
+        except (ProtocolError, PPStageError) as exc:
             code, error = 1, f"{type(exc).__name__}: {exc}"
             self._log.error("pipeline failed", reason=error)
             await self._send_error(error)
@@ -260,9 +289,9 @@ class Stage0Actor:
             if item.error is not None:
                 raise item.error
             if isinstance(msg, ErrorEnvelope):
-                raise ProtocolError(f"pipeline reported: {msg.reason}", **ids_of(msg))
+                raise UpstreamFailed(f"pipeline reported: {msg.reason}", chunk=msg.id)
             if not isinstance(msg, ChunkResult):
-                raise ProtocolError(f"unexpected {action_of(msg)} on the result link", **ids_of(msg))
+                raise UnexpectedMessage(f"unexpected {action_of(msg)} on the result link", chunk=msg.id)
             latents = item.tensors.get("latents_out")
             verdict = self.gate.admit(msg)
             ev = self.ledger.get(msg.chunk_index)
@@ -309,12 +338,13 @@ class Stage0Actor:
             deadline = self.deadline.deadline_s()
             if self.gate.in_flight() and time.monotonic() - self._owed_since > deadline:
                 raise WatchdogExpired(
-                    f"no result within {deadline:.1f}s with {self.gate.in_flight()} chunk(s) in flight"
+                    f"no result within {deadline:.1f}s with {self.gate.in_flight()} chunk(s) in flight",
+                    chunk=self.gate.oldest_owed(),
                 )
 
     def _check_result(self, msg: ChunkResult, latents: torch.Tensor) -> None:
         if tensor_digest(latents) != msg.output_digest:
-            raise DigestMismatch("latents_out does not match the output digest", **ids_of(msg))
+            raise DigestMismatch("latents_out does not match the output digest", chunk=msg.id)
         want = self.expected_digest.pop(msg.call_id)
         plan = self.plans[msg.call_id]
         for s in msg.stages:
@@ -322,10 +352,10 @@ class Stage0Actor:
                 raise StateDivergence(
                     f"stage {s.stage} reports lifecycle state {s.state_digest[:8]} at start frame "
                     f"{s.current_start_frame}; rank 0's plan gives {want[:8]} at {plan.current_start_frame}",
-                    **ids_of(msg),
+                    chunk=msg.id,
                 )
         if len(msg.stages) != self.role.num_stages:
-            raise ProtocolError(f"{len(msg.stages)} stage reports, expected {self.role.num_stages}", **ids_of(msg))
+            raise GateError(f"{len(msg.stages)} stage reports, expected {self.role.num_stages}", chunk=msg.id)
 
     async def _decode(self) -> None:
         loop = asyncio.get_running_loop()
@@ -378,7 +408,7 @@ class Stage0Actor:
         self.ledger.finish(ev, "flushed")
         self.flushed += 1
         self._progress.set()
-        self._log.info("decode flushed by hard cut", chunk_index=ev.chunk_index, cache_epoch=ev.cache_epoch)
+        self._log.info("decode flushed by hard cut", **ids_of(ev))
 
     # -- liveness and shutdown ---------------------------------------------------
     async def _keepalive(self) -> None:
@@ -389,8 +419,8 @@ class Stage0Actor:
                 continue
             if self.fault is not None and self.fault.kind == "no_keepalives":
                 continue  # the control case of the keepalive test: the stages' watchdogs must fire
-            ids = self.planner.control_ids()
-            await self.transport.send(self.leader1, NoopEnvelope(**ids_of(ids)), [])
+            chunk = self.planner.control_ids()
+            await self.transport.send(self.leader1, NoopEnvelope(**chunk.fields()), [])
             self._last_send = time.monotonic()
 
     async def _drain(self, tasks: list[asyncio.Future]) -> None:
@@ -403,14 +433,15 @@ class Stage0Actor:
         except asyncio.TimeoutError:
             raise WatchdogExpired(
                 f"drain missed its {budget:.1f}s deadline: {self.gate.in_flight()} result(s) in flight, "
-                f"{self._decode_q.qsize()} awaiting decode"
+                f"{self._decode_q.qsize()} awaiting decode",
+                chunk=self.gate.oldest_owed(),
             ) from None
 
     async def _send_error(self, reason: str) -> None:
-        ids = self.planner.control_ids()
+        chunk = self.planner.control_ids()
         try:
             await asyncio.wait_for(
-                self.transport.send(self.leader1, ErrorEnvelope(reason=reason, origin_rank=0, **ids_of(ids)), []),
+                self.transport.send(self.leader1, ErrorEnvelope(reason=reason, origin_rank=0, **chunk.fields()), []),
                 timeout=2.0,
             )
         except Exception:  # the chain may already be gone; the error was logged

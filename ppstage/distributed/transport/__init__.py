@@ -56,16 +56,15 @@ Failure model
   watchdog: keep ``NOOP`` keepalives flowing on every link, or a large timeout.
 """
 
+from ppstage.digests import byte_view, tensor_digest
 from ppstage.distributed.bootstrap import init_process_group
 from ppstage.distributed.transport._p2p import IDLE_WAIT, TERMINAL_ACTIONS, Inbound, Transport
 from ppstage.distributed.transport._tensors import (
     TORCH_DTYPE,
     WIRE_DTYPE,
-    byte_view,
     make_spec,
     prepare_tensors,
     rebuild,
-    tensor_digest,
 )
 
 __all__ = [

@@ -21,6 +21,8 @@ from protocol import (
     HEADER_SIZE,
     MAX_META_BYTES,
     WIRE_TYPES,
+    ChunkError,
+    ChunkId,
     FramingError,
     MetadataError,
     ProtocolError,
@@ -92,10 +94,6 @@ class _Outgoing(NamedTuple):
     future: asyncio.Future
 
 
-def _ids(msg: Any) -> dict[str, Any]:
-    return {k: getattr(msg, k, None) for k in ("call_id", "chunk_index", "cache_epoch")}
-
-
 def _resolve(future: asyncio.Future, exc: BaseException | None) -> None:
     if future.done():  # the awaiting task was cancelled; the bytes went out anyway
         return
@@ -121,7 +119,7 @@ class Transport:
         Shapes ``validate`` checks against on both ends (normally
         ``config.wire_geometry()``); None checks structure only.
     on_fatal:
-        Called on the loop with a ``ProtocolError`` (``ChannelDead`` for a
+        Called on the loop with a typed error (``ChannelDead`` for a
         failed or timed-out link, ``FramingError`` and friends for undecodable
         bytes) when a link can no longer be trusted. The process must then
         report and exit: the link is out of step or gone. It may be called
@@ -142,7 +140,7 @@ class Transport:
         loop: asyncio.AbstractEventLoop,
         device: str | torch.device = "cpu",
         geometry: WireGeometry | None = None,
-        on_fatal: Callable[[ProtocolError], Any],
+        on_fatal: Callable[[ChunkError], Any],
         on_terminal: Callable[[WireMessage], Any] | None = None,
     ) -> None:
         self.config = config
@@ -237,19 +235,19 @@ class Transport:
     def _preflight(
         self, dst: int, msg: WireMessage, tensors: Sequence[torch.Tensor], fill_digests: bool
     ) -> _Outgoing:
-        ids = _ids(msg)
+        chunk = ChunkId.find(msg)
         if self._closed:
-            raise ChannelDead(f"transport closed: send to rank {dst} refused", **ids)
+            raise ChannelDead(f"transport closed: send to rank {dst} refused", chunk=chunk)
         group = self.groups.link(self.role.rank, dst)
         if dst in self._dead:
-            raise ChannelDead(f"channel to rank {dst} is dead: send refused", **ids)
+            raise ChannelDead(f"channel to rank {dst} is dead: send refused", chunk=chunk)
         try:
             if not isinstance(msg, WIRE_TYPES):
-                raise MetadataError(f"{type(msg).__name__} is not a wire message", **ids)
+                raise MetadataError(f"{type(msg).__name__} is not a wire message", chunk=chunk)
             if action_of(msg) != "HELLO":
                 validate(msg, self.geometry)
             specs, payload = prepare_tensors(
-                msg.tensors, tensors, self.device, fill_digests=fill_digests, ids=ids
+                msg.tensors, tensors, self.device, fill_digests=fill_digests, chunk=chunk
             )
             if fill_digests:
                 msg = msgspec.structs.replace(msg, tensors=specs)
@@ -258,7 +256,7 @@ class Transport:
         except ProtocolError:
             raise
         except Exception as exc:  # e.g. a field of the wrong type trips validate()
-            raise MetadataError(f"message cannot be framed: {exc!r}", **ids) from exc
+            raise MetadataError(f"message cannot be framed: {exc!r}", chunk=chunk) from exc
         future = self._loop.create_future()
         return _Outgoing(dst, group, header_t, meta_t, payload, msg, future)
 
@@ -276,10 +274,10 @@ class Transport:
             self._send_one(item)
 
     def _send_one(self, item: _Outgoing) -> None:
-        ids = _ids(item.msg)
+        chunk = item.msg.id
         action = action_of(item.msg)
         if item.dst in self._dead:
-            self._settle(item.future, ChannelDead(f"channel to rank {item.dst} is dead", **ids))
+            self._settle(item.future, ChannelDead(f"channel to rank {item.dst} is dead", chunk=chunk))
             return
         if action in TERMINAL_ACTIONS:
             # Set before the first byte: the peer may exit as soon as it has it.
@@ -295,11 +293,11 @@ class Transport:
         except Exception as exc:
             self._dead.add(item.dst)
             where = "after the header (the channel is half-framed)" if header_sent else "on the header"
-            err = ChannelDead(f"{action} to rank {item.dst} failed {where}: {exc}", **ids)
+            err = ChannelDead(f"{action} to rank {item.dst} failed {where}: {exc}", chunk=chunk)
             self._settle(item.future, err)
             self._fatal(err)
             return
-        self._log.debug("transport.sent", dst=item.dst, action=action, **ids)
+        self._log.debug("transport.sent", dst=item.dst, action=action, **chunk.fields())
         self._settle(item.future, None)
 
     # -- receiver threads ----------------------------------------------------------
@@ -309,7 +307,7 @@ class Transport:
         header_buf = torch.zeros(HEADER_SIZE, dtype=torch.uint8, device=self.device)
         meta_buf = torch.zeros(MAX_META_BYTES, dtype=torch.uint8, device=self.device)
         while True:
-            ids: dict[str, Any] = {}
+            chunk: ChunkId | None = None
             waiting_for = "a header"
             try:
                 # Zeroed first: a short (truncated) send leaves zeros, never stale
@@ -318,9 +316,7 @@ class Transport:
                 self._recv(header_buf, src, group, IDLE_WAIT)
                 head = _host_bytes(header_buf)
                 header = parse_header(head)
-                ids = dict(
-                    call_id=header.call_id, chunk_index=header.chunk_index, cache_epoch=header.cache_epoch
-                )
+                chunk = header.id
                 waiting_for = "metadata"
                 meta_view = meta_buf[: header.meta_len]
                 meta_view.zero_()
@@ -341,7 +337,8 @@ class Transport:
                     return
                 self._fatal(
                     ChannelDead(
-                        f"receive from rank {src} failed waiting for {waiting_for}: {failure.cause}", **ids
+                        f"receive from rank {src} failed waiting for {waiting_for}: {failure.cause}",
+                        chunk=chunk,
                     )
                 )
                 return
@@ -349,16 +346,18 @@ class Transport:
                 self._fatal(exc)
                 return
             except Exception as exc:  # a decoder bug must still surface typed
-                self._fatal(FramingError(f"undecodable frame from rank {src}: {exc!r}", **ids))
+                self._fatal(FramingError(f"undecodable frame from rank {src}: {exc!r}", chunk=chunk))
                 return
             tensors = {spec.name: rebuild(spec, flat) for spec, flat in zip(msg.tensors, flats)}
-            error = self._check(msg, flats, ids)
+            error = self._check(msg, flats, msg.id)
             action = action_of(msg)
             if action in TERMINAL_ACTIONS:
                 self._ending = True
                 if self._on_terminal is not None:
                     self._call_soon(self._on_terminal, msg)
-            self._log.debug("transport.received", src=src, action=action, invalid=error is not None, **ids)
+            self._log.debug(
+                "transport.received", src=src, action=action, invalid=error is not None, **msg.id.fields()
+            )
             if not self._call_soon(inbox.put_nowait, Inbound(msg, tensors, error, received_at)):
                 return
 
@@ -371,18 +370,16 @@ class Transport:
         except Exception as exc:
             raise _LinkFailure(exc) from exc
 
-    def _check(
-        self, msg: WireMessage, flats: list[torch.Tensor], ids: dict[str, Any]
-    ) -> ProtocolError | None:
+    def _check(self, msg: WireMessage, flats: list[torch.Tensor], chunk: ChunkId) -> ProtocolError | None:
         try:
             validate(msg, self.geometry)
             for spec, flat in zip(msg.tensors, flats):
                 if spec.digest is not None:
-                    check_tensor_digest(spec, memoryview(_host_array(flat)), **ids)
+                    check_tensor_digest(spec, memoryview(_host_array(flat)), chunk=chunk)
         except ProtocolError as exc:
             return exc
         except Exception as exc:  # defensive: never let a checker kill the link
-            return MetadataError(f"message could not be checked: {exc!r}", **ids)
+            return MetadataError(f"message could not be checked: {exc!r}", chunk=chunk)
         return None
 
     # -- helpers -------------------------------------------------------------------
@@ -393,7 +390,7 @@ class Transport:
     def _settle(self, future: asyncio.Future, exc: BaseException | None) -> None:
         self._call_soon(_resolve, future, exc)
 
-    def _fatal(self, exc: ProtocolError) -> None:
+    def _fatal(self, exc: ChunkError) -> None:
         self._log.error("transport.fatal", error=str(exc), kind=type(exc).__name__)
         self._call_soon(self._on_fatal, exc)
 

@@ -12,7 +12,9 @@ from typing import Sequence
 import msgspec
 import torch
 
-from protocol import DTYPE_ITEMSIZE, TensorSpec, TensorSpecError, digest_bytes
+from protocol import DTYPE_ITEMSIZE, ChunkId, TensorSpec, TensorSpecError
+
+from ppstage.digests import byte_view, tensor_digest
 
 WIRE_DTYPE: dict[torch.dtype, str] = {
     torch.float32: "float32",
@@ -25,19 +27,6 @@ WIRE_DTYPE: dict[torch.dtype, str] = {
 TORCH_DTYPE: dict[str, torch.dtype] = {v: k for k, v in WIRE_DTYPE.items()}
 if set(TORCH_DTYPE) != set(DTYPE_ITEMSIZE):  # the whitelist lives in protocol/
     raise ImportError("transport dtype map differs from protocol.DTYPE_ITEMSIZE")
-
-
-def byte_view(tensor: torch.Tensor) -> torch.Tensor:
-    """A flat ``uint8`` view of a contiguous tensor (0-d and empty tensors included)."""
-    return tensor.reshape(-1).view(torch.uint8)
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """``protocol.digest_bytes`` of a contiguous tensor's bytes (copied to CPU if needed)."""
-    flat = byte_view(tensor)
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    return digest_bytes(memoryview(flat.numpy()))
 
 
 def make_spec(name: str, tensor: torch.Tensor, with_digest: bool = False) -> TensorSpec:
@@ -65,7 +54,7 @@ def prepare_tensors(
     device: torch.device,
     *,
     fill_digests: bool,
-    ids: dict[str, int | None],
+    chunk: ChunkId | None,
 ) -> tuple[tuple[TensorSpec, ...], tuple[torch.Tensor, ...]]:
     """Check ``tensors`` against ``specs`` and turn them into contiguous byte views.
 
@@ -74,30 +63,30 @@ def prepare_tensors(
     count, dtype, shape or size mismatch, or when a tensor cannot be moved.
     """
     if len(tensors) != len(specs):
-        raise TensorSpecError(f"{len(tensors)} tensors given for {len(specs)} specs", **ids)
+        raise TensorSpecError(f"{len(tensors)} tensors given for {len(specs)} specs", chunk=chunk)
     out_specs: list[TensorSpec] = []
     out_bytes: list[torch.Tensor] = []
     for spec, tensor in zip(specs, tensors):
         if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
-            raise TensorSpecError(f"tensor {spec.name!r}: not a dense torch.Tensor", **ids)
+            raise TensorSpecError(f"tensor {spec.name!r}: not a dense torch.Tensor", chunk=chunk)
         wire = WIRE_DTYPE.get(tensor.dtype)
         if wire is None:
             raise TensorSpecError(
-                f"tensor {spec.name!r}: dtype {tensor.dtype} is not sent on the wire", **ids
+                f"tensor {spec.name!r}: dtype {tensor.dtype} is not sent on the wire", chunk=chunk
             )
         if wire != spec.dtype:
-            raise TensorSpecError(f"tensor {spec.name!r}: dtype {wire}, spec says {spec.dtype}", **ids)
+            raise TensorSpecError(f"tensor {spec.name!r}: dtype {wire}, spec says {spec.dtype}", chunk=chunk)
         if tuple(tensor.shape) != tuple(spec.shape):
             raise TensorSpecError(
-                f"tensor {spec.name!r}: shape {tuple(tensor.shape)}, spec says {tuple(spec.shape)}", **ids
+                f"tensor {spec.name!r}: shape {tuple(tensor.shape)}, spec says {tuple(spec.shape)}", chunk=chunk
             )
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes != spec.nbytes:
-            raise TensorSpecError(f"tensor {spec.name!r}: {nbytes} bytes, spec says {spec.nbytes}", **ids)
+            raise TensorSpecError(f"tensor {spec.name!r}: {nbytes} bytes, spec says {spec.nbytes}", chunk=chunk)
         try:
             flat = byte_view(tensor.detach().to(device).contiguous())
         except (RuntimeError, ValueError) as exc:  # device OOM, odd strides: still preflight
-            raise TensorSpecError(f"tensor {spec.name!r}: cannot prepare for sending: {exc}", **ids) from exc
+            raise TensorSpecError(f"tensor {spec.name!r}: cannot prepare for sending: {exc}", chunk=chunk) from exc
         if fill_digests:
             spec = msgspec.structs.replace(spec, digest=tensor_digest(flat))
         out_specs.append(spec)
@@ -113,9 +102,7 @@ def rebuild(spec: TensorSpec, flat: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "TORCH_DTYPE",
     "WIRE_DTYPE",
-    "byte_view",
     "make_spec",
     "prepare_tensors",
     "rebuild",
-    "tensor_digest",
 ]

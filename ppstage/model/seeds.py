@@ -1,10 +1,8 @@
-"""Digests and seeds shared by every process: one definition, used everywhere.
+"""Seeds shared by every process: one definition, used everywhere.
 
-``tensor_digest`` is the output digest of SPEC section 9 (``latents_out``):
-the reference pipeline, the distributed last stage, rank 0's gate and the
-replayer all call this one function, so a digest means the same bytes
-everywhere. ``derive_seed`` turns a name tuple into a torch seed, so any
-process can rebuild the same weights or noise without shipping them.
+``derive_seed`` turns a name tuple into a torch seed, so any process can
+rebuild the same weights or noise without shipping them. (The output digest,
+``tensor_digest``, lives in ``ppstage.digests``.)
 """
 
 from __future__ import annotations
@@ -12,10 +10,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-
-# One definition of the output digest for everyone (it lives with the wire
-# helpers because it must read device tensors too); re-exported here.
-from ppstage.distributed.transport._tensors import tensor_digest  # noqa: F401
 
 
 def derive_seed(*parts: object) -> int:
