@@ -12,6 +12,7 @@ waits on the pipeline.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -201,4 +202,5 @@ class ServiceHost:
             "ready": all(ready.values()),
             "readiness": ready,
             "uptime_s": round(time.monotonic() - self.started, 3),
+            "pid": os.getpid(),
         }

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -23,6 +30,7 @@ _PERIOD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class ServiceMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc. of rank 0
         self.chunks_emitted = Counter("ppstage_chunks_emitted", "chunks decoded and emitted by rank 0", registry=r)
         self.frames_emitted = Counter("ppstage_frames_emitted", "frames emitted by rank 0", registry=r)
         self.chunk_period = Histogram(
