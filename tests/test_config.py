@@ -198,6 +198,15 @@ ALTERNATIVE = {
     "runtime.simulated_decode_ms": 1.0,
     "runtime.simulated_call_ms": 1.0,
     "runtime.debug_extra_collective": True,
+    "service.host": "0.0.0.0",
+    "service.port": 9000,
+    "service.max_body_bytes": 4096,
+    "service.max_viewers": 8,
+    "service.viewer_queue_frames": 4,
+    "service.viewer_drop_limit": 8,
+    "service.viewer_send_timeout_s": 2.0,
+    "service.jpeg_quality": 70,
+    "service.status_window_chunks": 8,
 }
 
 
