@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         host = args.host if args.host is not None else config.service.host
         port = args.port if args.port is not None else config.service.port
         token = _token(args)
-        if token is None and not is_loopback(host):
+        serves = os.environ.get("RANK", "0") == "0"  # local mode, or rank 0 under torchrun
+        if serves and token is None and not is_loopback(host):
             raise ConfigError(
                 f"binding {host} (not loopback) needs an API token: set ${TOKEN_ENV} or --token-file"
             )
