@@ -136,3 +136,62 @@ async def test_restart_generation_and_a_dead_agent_under_torchrun(tmp_path):
         except ProcessLookupError:
             pass
         agent.wait()
+
+
+async def test_two_node_launch_serves_and_a_dead_agent_ends_every_worker(tmp_path):
+    """Two torchrun agents (--nnodes 2, c10d on 127.0.0.1): node A hosts ranks 0-1, node B rank 2.
+
+    c10d orders nodes by --local-addr, so "127.0.0.1" (A) hosts global rank 0
+    before "localhost" (B). Killing B's agent ends B's worker through the
+    launcher watch, and A's workers through their watchdogs.
+    """
+    config = service_config(**{"runtime.stage_idle_deadline_s": 4.0, "runtime.keepalive_interval_s": 0.5,
+                               "runtime.result_deadline_min_s": 4.0})
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text(config.to_toml())
+    port, rdzv = free_port(), free_port()
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    agents: list[subprocess.Popen] = []
+    for local_addr, nproc in (("127.0.0.1", 2), ("localhost", 1)):
+        cmd = [
+            torchrun, "--nnodes", "2", "--nproc-per-node", str(nproc), "--max-restarts", "0",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv}", "--rdzv-id", "two-node-test",
+            "--local-addr", local_addr, "--monitor-interval", "0.2",
+            "-m", "ppstage.cli", "serve", "--config", str(cfg), "--port", str(port),
+        ]
+        log = open(tmp_path / f"agent-{local_addr}.log", "wb")
+        agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        log.close()
+    svc = ServiceProc(agents[0], f"http://127.0.0.1:{port}", tmp_path, tmp_path / "agent-127.0.0.1.log")
+    try:
+        await wait_ready(svc, 120)
+        st = await status(svc.url)
+        assert st["topology"]["world_size"] == 3 and st["chunks_emitted"] > 0
+        node_a = {rank_of(p): p for p in children(agents[0].pid)}
+        node_b = {rank_of(p): p for p in children(agents[1].pid)}
+        assert sorted(node_a) == [0, 1] and sorted(node_b) == [2], (node_a, node_b)
+
+        os.kill(agents[1].pid, signal.SIGKILL)
+        agents[1].wait()
+        t0 = time.monotonic()
+        pending = {**{f"B{r}": p for r, p in node_b.items()}, **{f"A{r}": p for r, p in node_a.items()}}
+        gone_at: dict[str, float] = {}
+        while len(gone_at) < len(pending):
+            for name, pid in pending.items():
+                if name not in gone_at and not alive(pid):
+                    gone_at[name] = time.monotonic() - t0
+            assert time.monotonic() - t0 < 30, f"still alive after 30 s: {set(pending) - set(gone_at)}"
+            await asyncio.sleep(0.05)
+        assert gone_at["B2"] < LAUNCHER_WINDOW_S + EXIT_SLACK_S, gone_at
+        watchdog = config.runtime.stage_idle_deadline_s + config.runtime.result_deadline_min_s
+        assert max(gone_at.values()) < watchdog + EXIT_SLACK_S, gone_at
+        assert agents[0].wait(30) != 0  # node A's agent reports the failed job
+        print("exit times after the agent was killed (s):", {k: round(v, 2) for k, v in sorted(gone_at.items())})
+    finally:
+        for agent in agents:
+            try:
+                os.killpg(agent.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            agent.wait()
