@@ -27,6 +27,8 @@ import sys
 import threading
 import time
 
+import structlog
+
 LAUNCHER_POLL_S = 0.25
 LAUNCHER_WINDOW_S = 1.0  # documented bound: poll interval + time to log and exit
 EXIT_LAUNCHER_GONE = 1
@@ -50,6 +52,8 @@ def watch_launcher(log, *, poll_s: float = LAUNCHER_POLL_S) -> threading.Thread 
     parent = os.getppid()
     if parent <= 1:
         return None
+    # A new thread starts with an empty context: carry rank, stage and generation over.
+    log = log.bind(**structlog.contextvars.get_contextvars())
 
     def watch() -> None:
         while True:
