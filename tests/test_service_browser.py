@@ -82,6 +82,10 @@ def test_viewer_page_shows_frames_and_its_cut_button_moves_the_epoch(tmp_path):
         assert announced == epoch + 1
         _wait(lambda: int(text("epoch")) == announced, 30, f"frames of epoch {announced}")
         assert text("err") == ""
+
+        # POST /v1/shutdown drains like SIGTERM: the service exits 0 on its own.
+        driver.execute_script("fetch('/v1/shutdown', {method: 'POST', body: '{}'});")
+        assert svc.proc.wait(60) == 0, svc.output()
     finally:
         if driver is not None:
             driver.quit()

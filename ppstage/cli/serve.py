@@ -62,7 +62,6 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from ppstage.config import ConfigError, PPStageConfig
-    from ppstage.model.quality import QualityError, check_quality_report
     from ppstage.service.options import ServiceOptions
 
     warnings: list[str] = []
@@ -80,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
             )
         if config.recompute.mode == "r0":
             # The R0 rollout gate, on every rank before any collective so that all refuse together.
+            from ppstage.model.quality import QualityError, check_quality_report
+
             try:
                 check_quality_report(config)
             except QualityError as exc:
