@@ -111,6 +111,9 @@ async def _request_context(request: web.Request, handler) -> web.StreamResponse:
             except web.HTTPException as exc:  # 404, 405, ...: JSON like every other error
                 response = _error(request, exc.status, exc.reason.lower().replace(" ", "_"), exc.reason,
                                   headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+            except Exception as exc:  # a bug: answer 500 with the request id, keep serving
+                log.exception("api handler failed")
+                response = _error(request, 500, "internal", f"{type(exc).__name__}: {exc}")
         finally:
             host.metrics.http_in_flight.dec()
         seconds = time.perf_counter() - t0

@@ -179,52 +179,59 @@ class FrameHub:
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             while not self._backlog:
                 self._wake.clear()
                 await self._wake.wait()
             plan, pixels = self._backlog.popleft()
-            formats = frozenset(v.format for v in self.viewers.values())
-            if not formats or self._stale(plan, pixels):
-                continue
-            with self.metrics.encode_seconds.time():
-                images = await loop.run_in_executor(
-                    self._encoder, encode_chunk, pixels, formats, self.config.jpeg_quality
+            try:
+                await self._fan_out(plan, pixels)
+            except Exception:  # viewers must never end the stream: log, count, go on
+                log.exception("frame fan-out failed", chunk_index=plan.chunk_index, cache_epoch=plan.cache_epoch)
+                self.metrics.viewer_frames_dropped.labels("error").inc(int(pixels.shape[0]))
+
+    async def _fan_out(self, plan: "ChunkPlan", pixels: "torch.Tensor") -> None:
+        loop = asyncio.get_running_loop()
+        formats = frozenset(v.format for v in self.viewers.values())
+        if not formats or self._stale(plan, pixels):
+            return
+        with self.metrics.encode_seconds.time():
+            images = await loop.run_in_executor(
+                self._encoder, encode_chunk, pixels, formats, self.config.jpeg_quality
+            )
+        if self._stale(plan, pixels):
+            return
+        height, width = int(pixels.shape[2]), int(pixels.shape[3])
+        for fmt, frames in images.items():
+            self.metrics.frames_encoded.labels(fmt).inc(len(frames))
+        for i in range(int(pixels.shape[0])):
+            packed = {
+                fmt: pack_frame(
+                    FrameHeader(
+                        restart_generation=self.restart_generation,
+                        cache_epoch=plan.cache_epoch,
+                        chunk_index=plan.chunk_index,
+                        call_id=plan.call_id,
+                        frame=i,
+                        stream_frame=plan.current_start_frame + i,
+                        width=width,
+                        height=height,
+                        format=fmt,  # type: ignore[arg-type]
+                    ),
+                    frames[i],
                 )
-            if self._stale(plan, pixels):
-                continue
-            height, width = int(pixels.shape[2]), int(pixels.shape[3])
-            for fmt, frames in images.items():
-                self.metrics.frames_encoded.labels(fmt).inc(len(frames))
-            for i in range(int(pixels.shape[0])):
-                packed = {
-                    fmt: pack_frame(
-                        FrameHeader(
-                            restart_generation=self.restart_generation,
-                            cache_epoch=plan.cache_epoch,
-                            chunk_index=plan.chunk_index,
-                            call_id=plan.call_id,
-                            frame=i,
-                            stream_frame=plan.current_start_frame + i,
-                            width=width,
-                            height=height,
-                            format=fmt,  # type: ignore[arg-type]
-                        ),
-                        frames[i],
-                    )
-                    for fmt, frames in images.items()
-                }
-                for viewer in list(self.viewers.values()):
-                    if viewer.format not in packed:
-                        continue  # joined after this chunk was encoded: starts with the next
-                    stale = viewer.discard_older_than(plan.cache_epoch)
-                    if stale:
-                        self.metrics.viewer_frames_dropped.labels("stale_epoch").inc(stale)
-                    lost = viewer.offer(plan.cache_epoch, packed[viewer.format])
-                    if lost:
-                        self.metrics.viewer_frames_dropped.labels("slow_viewer").inc(lost)
-            self.metrics.viewer_queue_frames.set(sum(len(v.queue) for v in self.viewers.values()))
+                for fmt, frames in images.items()
+            }
+            for viewer in list(self.viewers.values()):
+                if viewer.format not in packed:
+                    continue  # joined after this chunk was encoded: starts with the next
+                stale = viewer.discard_older_than(plan.cache_epoch)
+                if stale:
+                    self.metrics.viewer_frames_dropped.labels("stale_epoch").inc(stale)
+                lost = viewer.offer(plan.cache_epoch, packed[viewer.format])
+                if lost:
+                    self.metrics.viewer_frames_dropped.labels("slow_viewer").inc(lost)
+        self.metrics.viewer_queue_frames.set(sum(len(v.queue) for v in self.viewers.values()))
 
     def _stale(self, plan: "ChunkPlan", pixels: "torch.Tensor") -> bool:
         if plan.cache_epoch < self.current_epoch():
