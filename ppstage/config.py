@@ -242,6 +242,27 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             )
 
 
+class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``ppstage serve``: rank 0's HTTP API and live frame stream (unused by ``launch``).
+
+    ``viewer_queue_frames`` bounds each WebSocket viewer's queue: a viewer that
+    does not read loses its oldest frames, and after ``viewer_drop_limit`` frames
+    lost since its last successful send it is disconnected. ``max_body_bytes``
+    caps every request body. The bearer token is never configured here (it is a
+    secret): see ``ppstage serve --help``.
+    """
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 16384
+    max_viewers: Annotated[int, msgspec.Meta(ge=1)] = 256
+    viewer_queue_frames: Annotated[int, msgspec.Meta(ge=1)] = 24
+    viewer_drop_limit: Annotated[int, msgspec.Meta(ge=1)] = 96
+    viewer_send_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    jpeg_quality: Annotated[int, msgspec.Meta(ge=1, le=95)] = 85
+    status_window_chunks: Annotated[int, msgspec.Meta(ge=2, le=4096)] = 32
+
+
 class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
@@ -249,6 +270,7 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     denoise: DenoiseConfig = msgspec.field(default_factory=DenoiseConfig)
     topology: TopologyConfig = msgspec.field(default_factory=TopologyConfig)
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+    service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
 
     def __post_init__(self) -> None:
         if self.recompute.context_frames > self.cache.max_context_frames:

@@ -131,6 +131,14 @@ def test_config_error_is_a_ppstage_error():
 
 # Every bounded key, with a value just outside its bound and the message that names it.
 OUT_OF_BOUNDS = {
+    "service.port": (70000, "must be <= 65535, got 70000"),
+    "service.max_body_bytes": (10, "must be >= 64, got 10"),
+    "service.max_viewers": (0, "must be >= 1, got 0"),
+    "service.viewer_queue_frames": (0, "must be >= 1, got 0"),
+    "service.viewer_drop_limit": (0, "must be >= 1, got 0"),
+    "service.viewer_send_timeout_s": (0, "must be > 0, got 0"),
+    "service.jpeg_quality": (96, "must be <= 95, got 96"),
+    "service.status_window_chunks": (1, "must be >= 2, got 1"),
     "runtime.pg_timeout_s": (-1, "must be > 0, got -1"),
     "runtime.startup_timeout_s": (0, "must be > 0, got 0"),
     "runtime.drain_deadline_s": (-5, "must be > 0, got -5"),
@@ -331,6 +339,15 @@ ALTERNATIVE = {
     "runtime.simulated_decode_ms": 1.0,
     "runtime.simulated_call_ms": 1.0,
     "runtime.debug_extra_collective": True,
+    "service.host": "0.0.0.0",
+    "service.port": 9000,
+    "service.max_body_bytes": 4096,
+    "service.max_viewers": 8,
+    "service.viewer_queue_frames": 4,
+    "service.viewer_drop_limit": 8,
+    "service.viewer_send_timeout_s": 2.0,
+    "service.jpeg_quality": 70,
+    "service.status_window_chunks": 8,
 }
 
 

@@ -6,16 +6,25 @@ import argparse
 
 from ppstage.cli.args import positive_int
 
-HELP = "run a micro-benchmark: `ppstage bench protocol` times the checked wire round trip"
+HELP = ("run a benchmark: `ppstage bench protocol` times the checked wire round trip; "
+        "`ppstage bench service` the period with and without viewers and rank 0's memory")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", choices=("protocol",), help="what to measure")
+    p.add_argument("target", choices=("protocol", "service"), help="what to measure")
     p.add_argument("--iterations", type=positive_int, default=20_000, help="round trips per repeat")
     p.add_argument("--repeats", type=positive_int, default=7, help="repeats; the median is reported")
+    p.add_argument("--seconds", type=float, default=8.0, help="service: seconds per measured phase")
+    p.add_argument("--viewers", type=positive_int, default=50, help="service: concurrent WebSocket viewers")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.target == "service":
+        from ppstage.bench.service_bench import format_report as service_report
+        from ppstage.bench.service_bench import run_service_bench
+
+        print(service_report(run_service_bench(seconds=args.seconds, viewers=args.viewers)))
+        return 0
     from ppstage.bench import protocol_bench as pb
     from ppstage.cli.output import console, is_terminal, key_values
 

@@ -201,6 +201,19 @@ class Planner:
         self._next_call_id += 1
         return ids
 
+    def next_boundary(self) -> tuple[int, int]:
+        """``(chunk_index, cache_epoch)`` the next ``next_chunk`` will plan, pending intents included.
+
+        What the service answers a live intent with: the intent applies exactly
+        there. Mirrors ``next_chunk``'s cut decision (requested or forced) without
+        planning anything; ``tests/test_service_units.py`` checks the two agree.
+        """
+        cut = self._epoch < 0 or any(isinstance(i, (StreamStart, HardCut)) for i in self._pending)
+        frames = self.config.cache.chunk_frames
+        if not cut and self._next_start + frames > self.config.model.rope_max_frames:
+            cut = True
+        return self._next_chunk_index, self._epoch + (1 if cut else 0)
+
     def _context(self, start: int) -> tuple[tuple[int, ...], str, int]:
         """Context frames for a recompute at ``start``: anchor + latest latents.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -38,10 +39,29 @@ def init_process_group(
     else:
         host = f"[{master_addr}]" if ":" in master_addr and not master_addr.startswith("[") else master_addr
         init_method = f"tcp://{host}:{int(master_port)}"
+    # Rendezvous and the first collective may wait for ranks on other nodes to
+    # start: the start-up timeout, not the steady-state one (build_groups).
+    timeout = timedelta(seconds=config.runtime.startup_timeout_s)
+    if master_addr is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's c10d rendezvous shares ONE store server across restarts and the
+        # workers connect to it without a per-attempt prefix: a restarted generation
+        # would read the previous generation's peer addresses and fail to connect
+        # ("Connection refused"). Keys of each generation get their own prefix.
+        from ppstage.distributed.supervision import restart_generation
+
+        base = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+            is_master=False, timeout=timeout,
+        )
+        store = dist.PrefixStore(f"ppstage/generation{restart_generation()}", base)
+        dist.init_process_group(
+            backend=config.topology.backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
+        return
     dist.init_process_group(
         backend=config.topology.backend,
         init_method=init_method,
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=config.runtime.startup_timeout_s),
+        timeout=timeout,
     )

@@ -34,6 +34,7 @@ from protocol import (
 from ppstage import __version__
 from ppstage.config import PPStageConfig
 from ppstage.errors import ChannelDead, ParityError
+from ppstage.distributed.supervision import restart_generation
 from ppstage.distributed.topology import ProcessGroups, Role
 
 __all__ = ["compare_settings", "environment_settings", "parity_handshake", "parity_settings"]
@@ -53,6 +54,8 @@ def environment_settings(config: PPStageConfig) -> dict[str, str]:
         "env.ppstage": __version__,
         "env.protocol": str(PROTOCOL_VERSION),
         "env.msgspec": msgspec.__version__,
+        # torchrun's restart count: a rank of another generation is never a peer.
+        "env.restart_generation": str(restart_generation()),
     }
     if dist.is_initialized():
         out["env.world_size"] = str(dist.get_world_size())

@@ -139,15 +139,18 @@ def start_pipeline(
     config: PPStageConfig,
     out_dir: str | Path,
     *,
-    chunks: int,
+    chunks: int | None,
     launch_args: list[str] = (),  # type: ignore[assignment]
     passthrough_stdout: bool = False,
     write_latents: bool = True,
     env_overrides: dict[int, dict[str, str]] | None = None,
     config_overrides: dict[int, PPStageConfig] | None = None,
+    command: str = "launch",
 ) -> Pipeline:
-    """Spawn ``1 + stages * tp`` processes running ``ppstage launch``.
+    """Spawn ``1 + stages * tp`` processes running ``ppstage launch`` (or ``command``).
 
+    ``command="serve"`` with ``chunks=None`` starts a service: rank 0 serves the
+    HTTP API and the stream runs until rank 0 gets SIGTERM.
     ``config_overrides`` gives a rank a different config (tests of the parity
     handshake); ``env_overrides`` adds environment variables per rank.
     ``write_latents`` makes rank 0 write every emitted chunk's latents to
@@ -176,13 +179,14 @@ def start_pipeline(
                 "OMP_NUM_THREADS": "1",
                 **(env_overrides or {}).get(rank, {}),
             }
-            cmd = [
-                sys.executable, "-m", "ppstage.cli", "launch",
-                "--config", str(cfg_path), "--chunks", str(chunks), *launch_args,
-            ]
+            cmd = [sys.executable, "-m", "ppstage.cli", command, "--config", str(cfg_path), *launch_args]
+            if chunks is not None:
+                cmd += ["--chunks", str(chunks)]
             if rank == 0:
-                cmd += ["--summary-out", str(summary), "--chunks-out", str(out / "chunks.jsonl")]
-                if write_latents:
+                cmd += ["--summary-out", str(summary)]
+                if command == "launch":
+                    cmd += ["--chunks-out", str(out / "chunks.jsonl")]
+                if command == "launch" and write_latents:
                     cmd += ["--latents-out", str(out / "latents")]
             stdout = None if (rank == 0 and passthrough_stdout) else subprocess.DEVNULL
             with open(out / f"rank{rank}.log", "wb") as log_file:

@@ -28,6 +28,7 @@ from ppstage.observability import logs
 from ppstage.config import PPStageConfig
 from ppstage.errors import ParityError, WatchdogExpired
 from ppstage.model.reference import StreamScript
+from ppstage.service.options import ServiceOptions
 
 EXIT_FAILED, EXIT_PARITY = 1, 2  # 0 after an orderly SHUTDOWN
 FATAL_GRACE_S = 5.0  # time an actor gets to report and stop after its channel failed
@@ -40,7 +41,7 @@ class RankOptions(msgspec.Struct, frozen=True, kw_only=True):
     world_size: int
     master_addr: str | None = "127.0.0.1"
     master_port: int = 29500
-    chunks: int = 12
+    chunks: int | None = 12  # None: plan until SIGTERM (``ppstage serve``)
     script: StreamScript = msgspec.field(default_factory=StreamScript)
     summary_out: str | None = None
     latents_out: str | None = None
@@ -49,6 +50,8 @@ class RankOptions(msgspec.Struct, frozen=True, kw_only=True):
     json_logs: bool = False
     log_level: str = "info"
     progress: bool = True
+    service: ServiceOptions | None = None  # rank 0 serves the HTTP API (``ppstage serve``)
+    parity_extra: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
@@ -56,16 +59,19 @@ def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
     import torch
 
     from ppstage.distributed.parity import parity_handshake
+    from ppstage.distributed.supervision import restart_generation, watch_launcher
     from ppstage.distributed.topology import build_groups, role_for
     from ppstage.distributed.transport import init_process_group
 
     torch.set_num_threads(1)
     role = role_for(config, opts.rank)
     logs.configure(rank=opts.rank, stage=role.stage, json=opts.json_logs, level=opts.log_level)
+    structlog.contextvars.bind_contextvars(restart_generation=restart_generation())
     log = structlog.get_logger("ppstage.stages.process")
+    watch_launcher(log)  # started before any rendezvous: a rank never outlives its launcher
     init_process_group(config, opts.rank, opts.world_size, opts.master_addr, opts.master_port)
     try:
-        parity_handshake(config, role, None, {})
+        parity_handshake(config, role, None, opts.parity_extra)
     except ParityError as exc:
         log.error("parity handshake failed", report=str(exc))
         print(f"rank {opts.rank}: {exc}", file=sys.stderr)
@@ -123,14 +129,31 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
         latents_dir = Path(opts.latents_out) if opts.latents_out else None
         if latents_dir is not None:
             latents_dir.mkdir(parents=True, exist_ok=True)
+        service = None
+        if opts.service is not None:
+            from ppstage.service.host import ServiceHost
+
+            service = ServiceHost(config, role, opts.service)
+            progress = service.on_chunk
         actor = Stage0Actor(
             config, role, transport, opts.script, opts.chunks, fatal,
+            sink=service.on_frames if service else None,
             progress=progress, latents_dir=latents_dir, pause_before=opts.pause_before,
             chunk_stream=Path(opts.chunks_out) if opts.chunks_out else None,
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, actor.on_sigterm)
-        outcome = await actor.run()
+        if service is not None:
+            try:
+                await service.start(actor)
+            except OSError as exc:  # port taken: the stages' idle watchdogs end them
+                log.error("service cannot bind", reason=str(exc))
+                return EXIT_FAILED
+        try:
+            outcome = await actor.run()
+        finally:
+            if service is not None:
+                await service.stop()
         if opts.summary_out:
             payload = {
                 "exit_code": outcome.exit_code,

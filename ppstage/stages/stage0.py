@@ -17,6 +17,7 @@ order as the stages: every stage's reported state digest must equal it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class Stage0Actor:
         role: Role,
         transport: Transport,
         script: StreamScript,
-        chunks: int,
+        chunks: int | None,
         fatal: asyncio.Future,
         *,
         sink: Sink | None = None,
@@ -138,6 +139,18 @@ class Stage0Actor:
         scripted stream uses it too. Raises ``PlannerError`` for a bad intent.
         """
         self.planner.submit(intent)
+
+    def statistics(self) -> dict[str, object]:
+        """Live figures of the control plane (queues, epoch, drops) for the service's status."""
+        return {
+            "cache_epoch": self.gate.epoch,
+            "in_flight": self.gate.in_flight(),
+            "decode_queue": self._decode_q.qsize(),
+            "max_in_flight": self.max_in_flight,
+            "max_decode_queue": self.max_decode_queue,
+            "dropped": {**dict(self.gate.dropped), "flushed": self.flushed},
+            "stopping": self._stopping,
+        }
 
     def on_sigterm(self) -> None:
         if not self._stopping:
@@ -224,7 +237,8 @@ class Stage0Actor:
     # -- phase A: plan, build, send ------------------------------------------------
     async def _produce(self) -> None:
         d_in = self.config.runtime.d_in
-        for k in range(self.chunks):
+        # chunks=None: a service's stream, planned until SIGTERM / shutdown.
+        for k in itertools.count() if self.chunks is None else range(self.chunks):
             if self._stopping:
                 break
             if k in self.pause_before:  # an idle stream: only keepalives flow

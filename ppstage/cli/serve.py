@@ -1,0 +1,167 @@
+"""``ppstage serve``: the pipeline as a long-running service; rank 0 serves the HTTP API.
+
+Two ways to run it:
+
+- locally (no ``RANK`` in the environment): starts rank 0 and every generator
+  rank as local processes (as ``ppstage demo`` does, embedded model), each
+  running ``ppstage serve`` in its rank, and supervises them: SIGTERM/SIGINT go
+  to rank 0, which drains and shuts the chain down;
+- under torchrun (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set):
+  runs this process's rank; rank 0 serves.
+
+The stream runs until SIGTERM or ``POST /v1/shutdown``. Exit status: 0 after
+an orderly drain, 1 for a pipeline failure, 2 for a refused start (bad config,
+R0 without a passing quality report, no token off loopback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import sys
+import tempfile
+
+HELP = "run the pipeline as a service until stopped: HTTP API, live frames, metrics (rank 0 serves)"
+TOKEN_ENV = "PPSTAGE_API_TOKEN"
+EXIT_REFUSED = 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="TOML config file (identical on every rank)")
+    p.add_argument("--host", default=None, help="bind address of the HTTP API (default: service.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: service.port, 8000)")
+    p.add_argument("--prompt", default=None, help="the stream's first prompt")
+    p.add_argument("--r0-quality-report", default=None,
+                   help="passing `ppstage quality` report for this config (required for recompute.mode r0)")
+    p.add_argument("--force-unvalidated", action="store_true",
+                   help="start mode r0 without a passing quality report (loud warning in logs, status, metrics)")
+    p.add_argument("--token-file", default=None,
+                   help=f"file holding the API bearer token (default: ${TOKEN_ENV}); required off loopback")
+    p.add_argument("--out", default=None, help="local mode: directory for the ranks' logs (default: a temp dir)")
+    p.add_argument("--summary-out", default=None, help="rank 0 writes its run summary (JSON) here at exit")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        with open(args.token_file) as f:
+            return f.read().strip() or None
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ppstage.config import ConfigError, PPStageConfig
+    from ppstage.service.options import ServiceOptions
+
+    warnings: list[str] = []
+    try:
+        config = PPStageConfig.from_toml(args.config)
+        if args.r0_quality_report:
+            config = config.with_overrides({"recompute.r0_quality_report": args.r0_quality_report})
+        host = args.host if args.host is not None else config.service.host
+        port = args.port if args.port is not None else config.service.port
+        token = _token(args)
+        serves = os.environ.get("RANK", "0") == "0"  # local mode, or rank 0 under torchrun
+        if serves and token is None and not is_loopback(host):
+            raise ConfigError(
+                f"binding {host} (not loopback) needs an API token: set ${TOKEN_ENV} or --token-file"
+            )
+        if config.recompute.mode == "r0":
+            # The R0 rollout gate, on every rank before any collective so that all refuse together.
+            from ppstage.model.quality import QualityError, check_quality_report
+
+            try:
+                check_quality_report(config)
+            except QualityError as exc:
+                if not args.force_unvalidated:
+                    raise
+                warnings.append(
+                    f"recompute mode r0 is running WITHOUT a passing quality report "
+                    f"(--force-unvalidated): {exc}"
+                )
+    except (ConfigError, OSError) as exc:
+        print(f"ppstage serve: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    options = ServiceOptions(host=host, port=port, token=token, unvalidated=bool(warnings), warnings=tuple(warnings))
+    if "RANK" in os.environ:
+        return _run_rank(config, options, args)
+    return _run_local(config, options, args)
+
+
+def _run_rank(config, options, args: argparse.Namespace) -> int:
+    from ppstage.model.reference import DEFAULT_PROMPT, StreamScript
+    from ppstage.stages.process import RankOptions, exit_process, run_rank
+
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError) as exc:
+        print(f"ppstage serve: RANK and WORLD_SIZE must be integers: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    if options.unvalidated:
+        print(f"ppstage serve: WARNING: {options.warnings[0]}", file=sys.stderr, flush=True)
+    opts = RankOptions(
+        rank=rank,
+        world_size=world,
+        master_addr=None,  # env:// (MASTER_ADDR / MASTER_PORT), as torchrun sets them
+        chunks=None,
+        script=StreamScript(prompt=args.prompt or DEFAULT_PROMPT),
+        summary_out=args.summary_out,
+        json_logs=True,
+        log_level=args.log_level,
+        progress=False,
+        service=options if rank == 0 else None,
+        # A forced start is a rank-local flag that changes what runs: all ranks must agree.
+        parity_extra={"serve.force_unvalidated": str(bool(args.force_unvalidated))},
+    )
+    exit_process(run_rank(config, opts))
+    return 0  # not reached
+
+
+def _run_local(config, options, args: argparse.Namespace) -> int:
+    from ppstage.stages.launcher import start_pipeline
+
+    out = args.out or tempfile.mkdtemp(prefix="ppstage-serve-")
+    t = config.topology
+    child_args = ["--host", options.host, "--port", str(options.port), "--log-level", args.log_level]
+    if args.prompt:
+        child_args += ["--prompt", args.prompt]
+    if args.force_unvalidated:
+        child_args.append("--force-unvalidated")
+    if args.token_file:
+        child_args += ["--token-file", os.path.abspath(args.token_file)]
+    pipe = start_pipeline(config, out, chunks=None, launch_args=child_args, command="serve")
+    print(f"ppstage serve: http://{options.host}:{options.port}/  rank 0 + {t.stages} stage(s) x tp {t.tp} "
+          f"= {t.world_size} processes, mode {config.recompute.mode}, logs in {out}", flush=True)
+    if options.unvalidated:
+        print(f"ppstage serve: WARNING: {options.warnings[0]}", file=sys.stderr, flush=True)
+    previous = {
+        s: signal.signal(s, lambda *_: pipe.signal_rank0(signal.SIGTERM)) for s in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        codes = pipe.wait(float("inf"))
+    finally:
+        pipe.kill()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if args.summary_out and pipe.summary_path.exists():
+        with open(args.summary_out, "wb") as f:
+            f.write(pipe.summary_path.read_bytes())
+    if any(c != 0 for c in codes):
+        print(f"ppstage serve: FAILED, exit codes by rank {codes}", file=sys.stderr)
+        for r, c in enumerate(codes):
+            if c != 0:
+                print(f"--- rank {r} (exit {c}) log tail ---\n{pipe.log_tail(r)}", file=sys.stderr)
+        return 1
+    print("ppstage serve: drained, every rank exited 0", flush=True)
+    return 0
