@@ -18,7 +18,7 @@ import pytest
 
 from ppstage.cli import COMMANDS, main
 from ppstage.config import PPStageConfig
-from protocol import ProtocolError
+from protocol import ChunkId, ProtocolError
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,7 +36,8 @@ BAD_CONFIGS = {
 # Commands that read --config; bench takes none.
 CONFIG_COMMANDS = [c for c in COMMANDS if c != "bench"]
 COMMAND_ARGS = {"demo": ["--chunks", "2", "--no-check"], "launch": ["--chunks", "2"], "plan": ["--chunks", "2"],
-                "reference": ["--chunks", "1"], "quality": ["--chunks", "1"], "config": []}
+                "reference": ["--chunks", "1"], "quality": ["--chunks", "1"], "config": [],
+                "serve": ["--port", "0"]}
 
 BAD_FLAGS = [
     ("demo", ["--chunks", "0"]),
@@ -58,6 +59,8 @@ BAD_FLAGS = [
     ("quality", ["--baseline", "r9"]),
     ("bench", ["nothing"]),
     ("bench", ["protocol", "--iterations", "0"]),
+    ("serve", []),  # --config is required
+    ("serve", ["--config", "x.toml", "--port", "70000"]),
     ("nosuchcommand", []),
     ("demo", ["--no-such-flag"]),
 ]
@@ -126,12 +129,12 @@ def test_a_typed_runtime_error_ends_with_one_line_and_status_1(monkeypatch, caps
     import ppstage.cli.plan as plan
 
     def broken(args):
-        raise ProtocolError("the wire said no", chunk_index=3)
+        raise ProtocolError("the wire said no", chunk=ChunkId(call_id=4, chunk_index=3, cache_epoch=1))
 
     monkeypatch.setattr(plan, "run", broken)
     assert main(["plan"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["ppstage plan: ProtocolError: the wire said no (chunk_index=3)"]
+    assert err == ["ppstage plan: ProtocolError: the wire said no (call_id=4, chunk_index=3, cache_epoch=1)"]
 
 
 def test_a_demo_run_that_fails_reports_it_and_exits_1(tmp_path):

@@ -67,3 +67,11 @@ positive_float = float_above(0.0)  # durations (--timeout)
 non_negative_float = float_above(0.0, inclusive=True)  # simulated costs
 prompt_at = keyed("TEXT", text)  # --prompt-at K:TEXT
 pause_at = keyed("SECONDS", non_negative_float)  # --pause-at K:SECONDS
+
+
+def port_number(value: str) -> int:
+    """An argparse type: a TCP port, 0..65535 (0: the OS picks one)."""
+    port = non_negative_int(value)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is at most 65535, got {port}")
+    return port

@@ -23,6 +23,8 @@ import signal
 import sys
 import tempfile
 
+from ppstage.cli.args import port_number
+
 HELP = "run the pipeline as a service until stopped: HTTP API, live frames, metrics (rank 0 serves)"
 TOKEN_ENV = "PPSTAGE_API_TOKEN"
 EXIT_REFUSED = 2
@@ -31,7 +33,7 @@ EXIT_REFUSED = 2
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="TOML config file (identical on every rank)")
     p.add_argument("--host", default=None, help="bind address of the HTTP API (default: service.host, 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="HTTP port (default: service.port, 8000)")
+    p.add_argument("--port", type=port_number, default=None, help="HTTP port (default: service.port, 8000)")
     p.add_argument("--prompt", default=None, help="the stream's first prompt")
     p.add_argument("--r0-quality-report", default=None,
                    help="passing `ppstage quality` report for this config (required for recompute.mode r0)")
@@ -67,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     warnings: list[str] = []
     try:
         config = PPStageConfig.from_toml(args.config)
+        from ppstage.model.loader import load_backend
+
+        load_backend(config)  # an unknown [model] backend is refused before any rank starts
         if args.r0_quality_report:
             config = config.with_overrides({"recompute.r0_quality_report": args.r0_quality_report})
         host = args.host if args.host is not None else config.service.host
