@@ -53,11 +53,21 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """KV-cache window (in latent frames) and chunking."""
+    """KV-cache window (in latent frames) and chunking.
+
+    ``on_position_overflow``: what the planner does when the next chunk would pass
+    the positional (RoPE) table: ``"rebase"`` moves every position down at that
+    chunk boundary (same epoch, nothing dropped; docs/lifecycle.md), ``"cut"``
+    forces a hard cut that still emits every chunk planned before it.
+    ``rebase_quality_report``: a passing ``ppstage quality --rebase`` report, needed
+    where a re-base changes what the model sees (``rebase_changes_view``).
+    """
 
     window_frames: int = 6
     sink_frames: int = 1
     chunk_frames: int = 3
+    on_position_overflow: Literal["rebase", "cut"] = "rebase"
+    rebase_quality_report: str | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_frames < 1:
@@ -167,11 +177,31 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ConfigError("decoded_buffer_frames must be >= context_frames")
         if self.model.rope_max_frames < self.cache.chunk_frames * 2:
             raise ConfigError("rope_max_frames must hold at least two chunks")
+        if self.cache.on_position_overflow == "rebase" and self.model.rope_max_frames < self.rebase_span():
+            raise ConfigError(
+                f"rope_max_frames={self.model.rope_max_frames} cannot hold what a re-base keeps "
+                f"({self.rebase_span()} positions for this window, mode and cadence); "
+                'raise it or set cache.on_position_overflow = "cut"'
+            )
         if self.topology.tp > 1 and self.model.heads % self.topology.tp:
             raise ConfigError("heads must divide evenly over the tp degree")
         self.layer_ranges()  # raises on a bad explicit split
 
     # -- derived -----------------------------------------------------------
+    def rebase_span(self) -> int:
+        """Positions a chunk needs right after a re-base (docs/lifecycle.md, "Re-base").
+
+        Rolled windows: the pinned sinks' positions and the other ``W - S`` frames
+        (chunk included), at most ``W``. Rebuilt windows: anchor to chunk end,
+        ``decoded_buffer_frames + F``; with no sinks the anchor of the last rebuild
+        may still move with the window for ``cadence - 1`` more chunks.
+        """
+        c, rc = self.cache, self.recompute
+        if rc.mode == "r1":
+            return c.window_frames
+        carried = rc.cadence - 1 if c.sink_frames == 0 else 0
+        return max(c.window_frames, rc.decoded_buffer_frames + c.chunk_frames * (1 + carried))
+
     def layer_ranges(self) -> tuple[tuple[int, int], ...]:
         """Each stage's ``[start, end)``: explicit, or an even split of the layers."""
         k, n = self.topology.stages, self.model.layers

@@ -200,6 +200,8 @@ class Stage0Actor:
             plan = self.planner.next_chunk()
             if plan.init_cache and k > 0:
                 self._log.info("hard cut", forced=plan.forced_cut, **ids_of(plan))
+            elif plan.rebased:
+                self._log.info("re-base", position_offset=plan.position_offset, **ids_of(plan))
             await self._wait(lambda: self._inputs_ready(plan))
             ev = ChunkEvents(chunk_index=plan.chunk_index, call_id=plan.call_id, cache_epoch=plan.cache_epoch)
             self.events[plan.chunk_index] = ev
@@ -325,7 +327,7 @@ class Stage0Actor:
         while True:
             plan, latents = await self._decode_q.get()
             ev = self.events[plan.chunk_index]
-            if plan.cache_epoch < self.gate.epoch:
+            if self.gate.is_stale(plan.cache_epoch):
                 self._flush(ev)
                 continue
             self._decoding = True
@@ -337,7 +339,7 @@ class Stage0Actor:
             finally:
                 self._decoding = False
             ev.decode_end = time.perf_counter()
-            if pixels is None or plan.cache_epoch < self.gate.epoch:
+            if pixels is None or self.gate.is_stale(plan.cache_epoch):
                 self._flush(ev)
                 continue
             if self.sink is not None:
