@@ -32,11 +32,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="give up (and kill every rank) after this")
 
 
+def _positions_line(records, cfg) -> str:
+    """Re-bases and cuts of the checked stream (the reference plans the same boundaries)."""
+    rebases = [r.chunk_index for r in records if r.rebased]
+    epochs = sorted({r.cache_epoch for r in records})
+    return (
+        f"  {'positions':<34}  table {cfg.model.rope_max_frames} frames, "
+        f"on overflow {cfg.cache.on_position_overflow}: {len(rebases)} re-base(s)"
+        + (f" at chunks {rebases}" if rebases else "")
+        + f", epochs {epochs[0]}..{epochs[-1]}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from ppstage.config import ConfigError, PPStageConfig
     from ppstage.observability.report import check_digests, format_summary
     from ppstage.stages.launcher import start_pipeline
-    from ppstage.model.quality import QualityError, check_quality_report
+    from ppstage.model.quality import QualityError, check_quality_report, check_rebase_quality_report
     from ppstage.model.reference import run_reference
     from ppstage.cli.launch import script_from_args
 
@@ -54,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.with_overrides(overrides)
         if cfg.recompute.mode == "r0":
             check_quality_report(cfg)  # the R0 rollout gate
+        check_rebase_quality_report(cfg, chunks=args.chunks)  # re-bases that pin sinks: the same gate
     except (ConfigError, QualityError) as exc:
         print(f"ppstage demo: {exc}", file=sys.stderr)
         return 2
@@ -92,4 +105,6 @@ def run(args: argparse.Namespace) -> int:
         check = check_digests(result["events"], records, latents=pipe.latents, atol=tol)
     print("\nsummary")
     print(format_summary(result["summary"], check, stages=t.stages, tp=t.tp, mode=cfg.recompute.mode, tol=tol))
+    if not args.no_check:
+        print(_positions_line(records, cfg))
     return 0 if check is None or check.ok else 1

@@ -50,7 +50,7 @@ def _pauses(values: list[str]) -> dict[int, float]:
 
 def run(args: argparse.Namespace) -> int:
     from ppstage.config import ConfigError, PPStageConfig
-    from ppstage.model.quality import QualityError, check_quality_report
+    from ppstage.model.quality import QualityError, check_quality_report, check_rebase_quality_report
     from ppstage.stages.process import RankOptions, exit_process, run_rank
 
     try:
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             # The R0 rollout gate, checked by every rank before any collective so
             # that all refuse together (the report path must exist on every node).
             check_quality_report(config)
+        check_rebase_quality_report(config, chunks=args.chunks)  # re-bases that pin sinks, likewise
     except (ConfigError, QualityError, KeyError, ValueError) as exc:
         print(f"ppstage launch: {exc}")
         return 2
