@@ -190,6 +190,11 @@ class Planner:
     def _rebase(self, plan: ChunkPlan) -> ChunkPlan:
         """Stamp the re-base offset on ``plan``: the window packed to the table's bottom."""
         offset = self._cache.rebase_offset(plan)
+        rc = self.config.recompute
+        if rc.mode != "r1":
+            # A later rebuild writes its context from frame (its start - decoded_buffer_frames)
+            # on, at frame - offset: the offset must never pass the oldest frame it may use.
+            offset = min(offset, max(self._offset, plan.end_frame - rc.decoded_buffer_frames))
         table = self.config.model.rope_max_frames
         if plan.end_frame - offset > table:  # PPStageConfig.rebase_span makes this unreachable
             raise PlannerError(
