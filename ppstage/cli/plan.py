@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = parse_prompt_at(args.prompt_at)
     planner = Planner(cfg)
     planner.submit(StreamStart(args.prompt))
-    cols = "chunk call epoch start init xattn recompute calls context source"
+    cols = "chunk call epoch start init xattn recompute calls context source offset"
     print(" ".join(f"{c:>8}" for c in cols.split()))
     for k in range(args.chunks):
         if k in args.cut_at:
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             p.expected_generator_calls,
             ",".join(map(str, p.context_frame_indices)) or "-",
             p.context_source,
+            f"{p.position_offset}{'*' if p.rebased else ''}",  # * = re-based at this boundary
         )
         print(" ".join(f"{v!s:>8}" for v in row))
     return 0
