@@ -6,9 +6,11 @@ gate -> decode queue (``D_out``) -> decode in a worker thread -> output sink.
 Overlap: the producer sends the envelope of chunk k+1 as soon as credit and
 the plan's inputs allow, independently of chunk k's decode; only an R0a
 steady-state recompute waits, and only for the one decoded anchor it needs.
-A hard cut moves the gate's epoch when its plan is registered: results of the
-old epoch still in flight are received (framing) and dropped by epoch, and
-old-epoch entries still in the decode queue are flushed, never emitted.
+A hard cut moves the gate's epoch when its plan is registered: after a
+requested cut, results of the old epoch still in flight are received (framing)
+and dropped by epoch, and old-epoch entries still in the decode queue are
+flushed, never emitted. A cut the planner forced (policy ``cut``) keeps them:
+they are emitted in plan order. A re-base changes no epoch: it is only logged.
 
 Rank 0 also keeps a shadow ``CacheLifecycle`` fed the same plans in the same
 order as the stages: every stage's reported state digest must equal it.
