@@ -416,3 +416,21 @@ def test_rebase_quality_report_compares_against_the_oracle_and_gates_cadence_2(t
     with pytest.raises(QualityError, match="different model or config"):
         check_rebase_quality_report(gated.with_overrides({"model.rope_max_frames": 15}))
     assert check_rebase_quality_report(config()) is None  # cadence 1: distances are kept
+
+
+# -- constant memory: the bounded structures stay bounded over a re-basing stream ----------------
+
+
+def test_long_stream_bench_keeps_every_per_chunk_structure_bounded():
+    from ppstage.bench.long_stream import run_long_stream
+
+    cfg = config(**{"model.rope_max_frames": 12})
+    report = run_long_stream(cfg, 40, warmup=10, prompt_every=7)
+    assert report.rebases >= 10 and report.epochs == 1
+    s = report.sizes
+    assert s["gate.outstanding"] == 0 and s["planner.pending"] == 0
+    assert s["stream.decoded_frames"] <= cfg.recompute.decoded_buffer_frames
+    assert s["stream.latent_frames"] <= cfg.recompute.decoded_buffer_frames + 2 * cfg.cache.chunk_frames + 1
+    assert s["planner.slot_positions"] == s["stage.slot_positions"] <= cfg.cache.window_frames
+    assert s["stage.modulation_cache"] <= 16
+    assert report.rss_warm_kib > 0 and report.rss_end_kib > 0  # measured, never asserted on
