@@ -83,12 +83,20 @@ class CacheGeometry(msgspec.Struct, frozen=True, kw_only=True):
         Window, sink and chunk sizes in latent frames (``[cache]``).
     tokens_per_frame : int
         Tokens of one latent frame (``model.tokens_per_frame``).
+    max_positions : int or None
+        The rotary table's length in frames (``model.rope_max_frames``); None: unchecked.
     """
 
     window_frames: int
     sink_frames: int
     tokens_per_frame: int
     chunk_frames: int
+    max_positions: int | None = None
+
+    @classmethod
+    def of(cls, config: "PPStageConfig") -> "CacheGeometry":
+        """The geometry a ``PPStageConfig`` gives every generator rank (and the planner)."""
+        return config.cache_geometry()
 
     @property
     def capacity(self) -> int:
@@ -137,11 +145,21 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """KV-cache window (in latent frames) and chunking."""
+    """KV-cache window (in latent frames) and chunking.
+
+    ``on_position_overflow``: what the planner does when the next chunk would pass
+    the positional (RoPE) table: ``"rebase"`` moves every position down at that
+    chunk boundary (same epoch, nothing dropped; docs/lifecycle.md), ``"cut"``
+    forces a hard cut that still emits every chunk planned before it.
+    ``rebase_quality_report``: a passing ``ppstage quality --rebase`` report, needed
+    where a re-base changes what the model sees (``rebase_changes_view``).
+    """
 
     window_frames: Count = 6
     sink_frames: NonNegative = 1
     chunk_frames: Count = 3
+    on_position_overflow: Literal["rebase", "cut"] = "rebase"
+    rebase_quality_report: str | None = None
 
     def __post_init__(self) -> None:
         if self.window_frames < self.sink_frames + self.chunk_frames + 1:
@@ -288,6 +306,12 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                 f"model.rope_max_frames: must hold at least two chunks "
                 f"(>= {self.cache.chunk_frames * 2}), got {self.model.rope_max_frames}"
             )
+        if self.cache.on_position_overflow == "rebase" and self.model.rope_max_frames < self.rebase_span():
+            raise ConfigError(
+                f"model.rope_max_frames: {self.model.rope_max_frames} cannot hold what a re-base keeps "
+                f"({self.rebase_span()} positions for this window, mode and cadence); "
+                'raise it or set cache.on_position_overflow = "cut"'
+            )
         if self.topology.tp > 1 and self.model.heads % self.topology.tp:
             raise ConfigError(
                 f"topology.tp: model.heads ({self.model.heads}) must divide evenly over it, got {self.topology.tp}"
@@ -295,6 +319,20 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         self.layer_ranges()  # raises on a bad explicit split
 
     # -- derived -----------------------------------------------------------
+    def rebase_span(self) -> int:
+        """Positions a chunk needs right after a re-base (docs/lifecycle.md, "Re-base").
+
+        Rolled windows: the pinned sinks' positions and the other ``W - S`` frames
+        (chunk included), at most ``W``. Rebuilt windows: anchor to chunk end,
+        ``decoded_buffer_frames + F``; with no sinks the anchor of the last rebuild
+        may still move with the window for ``cadence - 1`` more chunks.
+        """
+        c, rc = self.cache, self.recompute
+        if rc.mode == "r1":
+            return c.window_frames
+        carried = rc.cadence - 1 if c.sink_frames == 0 else 0
+        return max(c.window_frames, rc.decoded_buffer_frames + c.chunk_frames * (1 + carried))
+
     def layer_ranges(self) -> tuple[tuple[int, int], ...]:
         """Each stage's ``[start, end)``: explicit, or an even split of the layers."""
         k, n = self.topology.stages, self.model.layers
@@ -325,6 +363,7 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             sink_frames=self.cache.sink_frames,
             tokens_per_frame=self.model.tokens_per_frame,
             chunk_frames=self.cache.chunk_frames,
+            max_positions=self.model.rope_max_frames,
         )
 
     def wire_geometry(self) -> WireGeometry:

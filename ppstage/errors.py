@@ -43,6 +43,10 @@ class IllegalTransition(PPStageError):
     """A plan asks the cache lifecycle for a transition SPEC section 3 does not allow."""
 
 
+class IllegalRebase(IllegalTransition):
+    """A re-base the lifecycle refuses: a negative position, not at a chunk boundary, offset moving up."""
+
+
 class CallCountMismatch(PPStageError):
     """A stage ran (or reported) a different number of generator calls than planned."""
 

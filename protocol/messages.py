@@ -86,6 +86,9 @@ class InferEnvelope(_Top, tag="INFER"):
     anchor_mode: AnchorMode
     context_frame_indices: tuple[int, ...] = ()
     tensors: tuple[TensorSpec, ...] = ()
+    # Appended (protocol 1 compatible): rotary position of timeline frame f is
+    # f - position_offset. It moves only at a planned re-base (SPEC section 13).
+    position_offset: int = 0
 
 
 class NoopEnvelope(_Top, tag="NOOP"):

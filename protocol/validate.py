@@ -115,6 +115,10 @@ def _validate_infer(m: InferEnvelope, g: WireGeometry | None, fail) -> None:
         fail("the KV cache is reset only by a hard cut (init_cache)")
     if m.current_start_frame < 0:
         fail("current_start_frame must be non-negative")
+    if not 0 <= m.position_offset <= m.current_start_frame:
+        fail("position_offset must lie in [0, current_start_frame]")
+    if m.init_cache and m.position_offset:
+        fail("a hard cut restarts positions at offset 0")
     bias = m.kv_cache_attention_bias
     if not 0.0 < bias < math.inf:  # also false for NaN
         fail("kv_cache_attention_bias must be a positive finite float")

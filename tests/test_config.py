@@ -107,6 +107,8 @@ INVALID = {
     "zero queue": {"runtime.d_in": 0},
     "keepalive too slow": {"runtime.keepalive_interval_s": 10.0},
     "rope too short": {"model.rope_max_frames": 5},
+    "rope too short to re-base": {"model.rope_max_frames": 8},  # r0a keeps anchor..chunk: 9
+    "unknown overflow policy": {"cache.on_position_overflow": "wrap"},
     "wrong type": {"model.layers": "eight"},
     "ranges count": {"topology.layer_ranges": [[0, 8]]},
 }
@@ -315,6 +317,8 @@ ALTERNATIVE = {
     "cache.window_frames": 7,
     "cache.sink_frames": 0,
     "cache.chunk_frames": 2,
+    "cache.on_position_overflow": "cut",
+    "cache.rebase_quality_report": "reports/rebase-vs-oracle.json",
     "recompute.mode": "r1",
     "recompute.cadence": 2,
     "recompute.context_frames": 2,

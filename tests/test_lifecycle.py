@@ -493,6 +493,8 @@ def test_digest_differs_when_any_state_field_differs():
         attention_bias=0.5,
         recompute_mode="r0",
         anchor_mode="latent",
+        position_offset=3,
+        slot_positions=(7, 8),
     )
     assert set(changed) == set(base.__struct_fields__), "cover every state field"
     digests = {lc.digest()}

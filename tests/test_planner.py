@@ -143,11 +143,13 @@ def test_bad_intents_are_rejected_when_submitted(intent):
     assert (plan.kv_cache_attention_bias, plan.num_denoise_steps, plan.prompt) == (1.0, 4, "a fox")
 
 
-# -- forced hard cut before the RoPE table runs out ---------------------------------------------
+# -- forced hard cut before the RoPE table runs out (policy "cut") ------------------------------
+
+CUT = {"cache.on_position_overflow": "cut"}
 
 
 def test_hard_cut_is_forced_before_rope_frames_run_out():
-    p = planner(**{"model.rope_max_frames": 9})
+    p = planner(**CUT, **{"model.rope_max_frames": 9})
     got = [(x.cache_epoch, x.current_start_frame, x.init_cache, x.forced_cut) for x in plans(p, 7)]
     assert got == [
         (0, 0, True, False),
@@ -161,13 +163,13 @@ def test_hard_cut_is_forced_before_rope_frames_run_out():
 
 
 def test_no_chunk_ever_reaches_past_rope_max_frames():
-    p = planner(**{"model.rope_max_frames": 10})
+    p = planner(**CUT, **{"model.rope_max_frames": 10})
     for plan in plans(p, 30):
         assert plan.end_frame <= 10
 
 
 def test_requested_cut_at_the_rope_limit_is_not_marked_forced():
-    p = planner(**{"model.rope_max_frames": 6})
+    p = planner(**CUT, **{"model.rope_max_frames": 6})
     plans(p, 2)
     p.submit(HardCut())
     cut = p.next_chunk()
@@ -249,7 +251,7 @@ def test_early_regime_restarts_after_a_hard_cut():
 
 
 def test_call_id_and_chunk_index_are_strictly_monotonic_across_epochs():
-    p = planner(**{"model.rope_max_frames": 6})
+    p = planner(**{"cache.on_position_overflow": "cut", "model.rope_max_frames": 6})
     seen = []
     for k in range(12):
         if k % 5 == 4:

@@ -3,8 +3,10 @@
 A hypothesis state machine plays rank 0 and a pipeline of simulated stages:
 intents arrive at random, chunks are planned and sent, and results come back
 delayed, duplicated or out of order, across hard cuts (requested, and forced by
-a short RoPE table). It checks, after every step, that nothing of an old epoch
-is ever accepted, that acceptance follows the plan order, that nothing is
+a short RoPE table under ``on_position_overflow = "cut"``) and re-bases (the
+same table under ``"rebase"``). It checks, after every step, that nothing of an
+epoch a requested cut ended is ever accepted (a forced cut keeps the chunks
+planned before it), that acceptance follows the plan order, that nothing is
 accepted twice, and that every stage holds the same lifecycle state.
 """
 
@@ -30,13 +32,11 @@ from ppstage.core.planner import (
 )
 from protocol import ChunkResult
 
-CONFIG = PPStageConfig().with_overrides({"model.rope_max_frames": 15, "recompute.cadence": 1})
-CACHE = CacheGeometry(
-    window_frames=CONFIG.cache.window_frames,
-    sink_frames=CONFIG.cache.sink_frames,
-    tokens_per_frame=CONFIG.model.tokens_per_frame,
-    chunk_frames=CONFIG.cache.chunk_frames,
+CONFIG = PPStageConfig().with_overrides(
+    {"model.rope_max_frames": 15, "recompute.cadence": 1, "cache.on_position_overflow": "cut"}
 )
+REBASE_CONFIG = CONFIG.with_overrides({"cache.on_position_overflow": "rebase", "recompute.cadence": 2})
+CACHE = CacheGeometry.of(CONFIG)
 MAX_IN_FLIGHT = 5
 
 step_lists = st.lists(st.sampled_from([1000, 750, 500, 250]), min_size=1, max_size=4, unique=True).map(
@@ -51,9 +51,11 @@ intents = st.one_of(
 
 
 class PipelineUnderChaos(RuleBasedStateMachine):
+    config = CONFIG
+
     def __init__(self) -> None:
         super().__init__()
-        self.planner = Planner(CONFIG)
+        self.planner = Planner(self.config)
         self.planner.submit(StreamStart("a fox"))
         self.gate = EpochGate()
         self.stage = CacheLifecycle(CACHE)
@@ -79,6 +81,8 @@ class PipelineUnderChaos(RuleBasedStateMachine):
         self.plans[plan.call_id] = plan
         if plan.forced_cut:
             event("forced hard cut")
+        if plan.rebased:
+            event("re-base")
         # A stage applies the plan: every plan the planner emits, whatever the
         # interleaving of intents, must be a legal transition with exactly its calls.
         lc = self.stage
@@ -95,7 +99,7 @@ class PipelineUnderChaos(RuleBasedStateMachine):
         """Positions whose delivery is legal now: any stale result, or the oldest current one."""
         out, head_seen = [], False
         for i, r in enumerate(self.in_flight):
-            if r.cache_epoch < self.gate.epoch:
+            if self.gate.is_stale(r.cache_epoch):
                 out.append(i)
             elif not head_seen:
                 out.append(i)
@@ -107,7 +111,8 @@ class PipelineUnderChaos(RuleBasedStateMachine):
         verdict = self.gate.admit(result)
         if verdict.accepted:
             plan = self.plans[result.call_id]
-            assert result.cache_epoch == self.gate.epoch == self.planner.cache_epoch
+            assert not self.gate.is_stale(result.cache_epoch)
+            assert result.cache_epoch <= self.gate.epoch == self.planner.cache_epoch
             assert all(a.call_id != result.call_id for a in self.accepted), "accepted twice"
             if self.accepted and self.accepted[-1].cache_epoch == result.cache_epoch:
                 assert result.chunk_index > self.accepted[-1].chunk_index
@@ -124,7 +129,9 @@ class PipelineUnderChaos(RuleBasedStateMachine):
         """Deliver a legal result now; everything else stays delayed."""
         i = data.draw(st.sampled_from(self._deliverable()))
         result = self.in_flight.pop(i)
-        stale = result.cache_epoch < self.gate.epoch
+        stale = self.gate.is_stale(result.cache_epoch)
+        if not stale and result.cache_epoch < self.gate.epoch:
+            event("result planned before a forced cut accepted")
         verdict = self._admit(result)
         assert verdict.accepted != stale
         if stale:
@@ -142,7 +149,7 @@ class PipelineUnderChaos(RuleBasedStateMachine):
         assert (self.gate.in_flight(), self.gate.accepted, self.gate.epoch) == before
 
     @precondition(
-        lambda self: sum(r.cache_epoch == self.gate.epoch for r in self.in_flight) >= 2
+        lambda self: sum(not self.gate.is_stale(r.cache_epoch) for r in self.in_flight) >= 2
     )
     @rule(data=st.data())
     def deliver_reordered(self, data):
@@ -151,7 +158,7 @@ class PipelineUnderChaos(RuleBasedStateMachine):
         The gate refuses it without changing state, so the stream stays
         consistent; in the runtime this error fails the stream.
         """
-        current = [r for r in self.in_flight if r.cache_epoch == self.gate.epoch]
+        current = [r for r in self.in_flight if not self.gate.is_stale(r.cache_epoch)]
         result = data.draw(st.sampled_from(current[1:]))
         before = (self.gate.in_flight(), self.gate.accepted, dict(self.gate.dropped))
         with pytest.raises(OutOfOrderResult):
@@ -164,11 +171,12 @@ class PipelineUnderChaos(RuleBasedStateMachine):
     def gate_owes_exactly_the_undelivered_results(self):
         assert self.gate.in_flight() == len(self.in_flight)
         assert self.gate.in_flight_current() == sum(
-            r.cache_epoch == self.gate.epoch for r in self.in_flight
+            not self.gate.is_stale(r.cache_epoch) for r in self.in_flight
         )
 
     @invariant()
     def nothing_of_an_old_epoch_was_accepted_after_its_cut(self):
+        # Accepted in plan order, so epochs never go back (a forced cut's old epoch comes first).
         epochs = [r.cache_epoch for r in self.accepted]
         assert epochs == sorted(epochs)
         call_ids = [r.call_id for r in self.accepted]
@@ -192,3 +200,18 @@ PipelineUnderChaos.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestPipelineUnderChaos = PipelineUnderChaos.TestCase
+
+
+class RebasingPipelineUnderChaos(PipelineUnderChaos):
+    """The same chaos with re-bases instead of forced cuts: one epoch until a requested cut."""
+
+    config = REBASE_CONFIG
+
+    @invariant()
+    def stage_follows_every_rebase(self):
+        if self.plans:
+            assert self.stage.state.position_offset == self.planner.position_offset
+
+
+RebasingPipelineUnderChaos.TestCase.settings = PipelineUnderChaos.TestCase.settings
+TestRebasingPipelineUnderChaos = RebasingPipelineUnderChaos.TestCase

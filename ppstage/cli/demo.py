@@ -37,6 +37,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no per-chunk progress (lines or live bar)")
 
 
+def _positions_line(records, cfg) -> str:
+    """Re-bases and cuts of the checked stream (the reference plans the same boundaries)."""
+    rebases = [r.chunk_index for r in records if r.rebased]
+    epochs = sorted({r.cache_epoch for r in records})
+    return (
+        f"  {'positions':<34}  table {cfg.model.rope_max_frames} frames, "
+        f"on overflow {cfg.cache.on_position_overflow}: {len(rebases)} re-base(s)"
+        + (f" at chunks {rebases}" if rebases else "")
+        + f", epochs {epochs[0]}..{epochs[-1]}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from ppstage.config import PPStageConfig
 
@@ -45,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from ppstage.cli.launch import script_from_args
     from ppstage.cli.output import is_terminal
     from ppstage.model.loader import load_backend
-    from ppstage.model.quality import check_quality_report
+    from ppstage.model.quality import check_quality_report, check_rebase_quality_report
     from ppstage.stages.launcher import start_pipeline
 
     overrides: dict[str, object] = {"topology.stages": args.stages, "topology.tp": args.tp}
@@ -61,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     load_backend(cfg)
     if cfg.recompute.mode == "r0":
         check_quality_report(cfg)  # the R0 rollout gate
+    check_rebase_quality_report(cfg, chunks=args.chunks)  # re-bases that pin sinks: the same gate
     script = script_from_args(args)
     out = Path(args.out or tempfile.mkdtemp(prefix="ppstage-demo-"))
     t = cfg.topology
@@ -140,4 +153,6 @@ def _check_and_summarize(args, cfg, script, pipe, result: dict) -> int:
     else:
         print("\nsummary")
         print(format_summary(result["summary"], check, **shape))
+    if not args.no_check and not args.quiet:
+        print(_positions_line(records, cfg))
     return 0 if check is None or check.ok else 1

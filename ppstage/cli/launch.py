@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     # environment ends every rank the same way (exit 2, one line, no hang).
     config = PPStageConfig.from_toml(args.config)  # before importing torch: a bad file fails fast
     from ppstage.model.loader import load_backend
-    from ppstage.model.quality import check_quality_report
+    from ppstage.model.quality import check_quality_report, check_rebase_quality_report
     from ppstage.stages.process import RankOptions, exit_process, run_rank
 
     load_backend(config)  # an unknown [model] backend fails here, not in the first collective
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if config.recompute.mode == "r0":
         # The R0 rollout gate (the report path must exist on every node).
         check_quality_report(config)
+    check_rebase_quality_report(config, chunks=args.chunks)  # re-bases that pin sinks, likewise
     opts = RankOptions(
         rank=rank,
         world_size=world,

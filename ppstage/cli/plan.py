@@ -7,7 +7,7 @@ import argparse
 from ppstage.cli.args import non_negative_int, positive_int, prompt_at, text
 
 HELP = "print the lifecycle plan of a scripted stream (no model, no processes)"
-COLUMNS = ("chunk", "call", "epoch", "start", "init", "xattn", "recompute", "calls", "context", "source", "prompt")
+COLUMNS = ("chunk", "call", "epoch", "start", "init", "xattn", "recompute", "calls", "context", "source", "offset", "prompt")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             p.expected_generator_calls,
             ",".join(map(str, p.context_frame_indices)) or "-",
             p.context_source,
+            f"{p.position_offset}{'*' if p.rebased else ''}",  # * = re-based at this boundary
             p.prompt,
         ))
     if is_terminal():

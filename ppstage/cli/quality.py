@@ -6,7 +6,10 @@ import argparse
 
 from ppstage.cli.args import non_negative_float, non_negative_int, positive_int, prompt_at, text
 
-HELP = "compare decoded frames of two recompute modes (PSNR, max abs diff); PASS/FAIL report"
+HELP = (
+    "compare decoded frames of two recompute modes, or (--rebase) a re-basing stream against an "
+    "oracle that never re-bases (PSNR, max abs diff); PASS/FAIL report"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--config", default=None, help="TOML config file")
     p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--rebase", action="store_true",
+                   help="judge re-bases: the config's stream (its rope_max_frames) against the same "
+                        "stream with a table large enough never to re-base")
+    p.add_argument("--table", type=positive_int, default=None, metavar="FRAMES",
+                   help="with --rebase: the candidate's model.rope_max_frames (default: the config's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,17 +42,31 @@ def run(args: argparse.Namespace) -> int:
     cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()  # before torch: fast errors
     import torch
 
-    from ppstage.model.quality import DEFAULT_THRESHOLD_DB, format_table, run_quality, write_report
+    from ppstage.model.quality import (
+        DEFAULT_THRESHOLD_DB,
+        format_table,
+        run_quality,
+        run_rebase_quality,
+        write_report,
+    )
 
     torch.set_num_threads(args.threads)
-    report = run_quality(
-        cfg,
-        baseline=args.baseline,
-        candidate=args.candidate,
-        chunks=args.chunks,
-        script=script_from_args(args),
-        threshold_db=DEFAULT_THRESHOLD_DB if args.threshold is None else args.threshold,
-    )
+    threshold = DEFAULT_THRESHOLD_DB if args.threshold is None else args.threshold
+    if args.rebase:
+        if args.table is not None:
+            cfg = cfg.with_overrides({"model.rope_max_frames": args.table})
+        report = run_rebase_quality(
+            cfg, chunks=args.chunks, script=script_from_args(args), threshold_db=threshold
+        )
+    else:
+        report = run_quality(
+            cfg,
+            baseline=args.baseline,
+            candidate=args.candidate,
+            chunks=args.chunks,
+            script=script_from_args(args),
+            threshold_db=threshold,
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_report(out, report)

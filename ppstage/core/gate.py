@@ -6,6 +6,13 @@ the current epoch, is the oldest outstanding call, is ok, reports the planned
 call count and carries ``latents_out``. Results of an older epoch and
 duplicates are *dropped* (counted, idempotent: the same stale result twice
 changes nothing but the counter). Anything else raises a ``GateError``.
+
+Only a *requested* hard cut makes the results still in flight stale. A cut
+the planner forced (``cache.on_position_overflow = "cut"``) moves the epoch
+too, but the chunks planned before it are valid frames: they stay owed and are
+accepted in plan order, so ``live_from`` (the oldest epoch still accepted)
+moves only at a requested cut. Memory: ``_outstanding`` holds at most the
+results in flight; the drop counter has one key per reason.
 Pure: no I/O, no clocks.
 """
 
@@ -64,6 +71,7 @@ class EpochGate:
 
     def __init__(self) -> None:
         self._epoch = -1
+        self._live_from = -1
         self._outstanding: OrderedDict[int, Outstanding] = OrderedDict()
         self._last_accepted_call = -1
         self.accepted = 0
@@ -72,6 +80,15 @@ class EpochGate:
     @property
     def epoch(self) -> int:
         return self._epoch
+
+    @property
+    def live_from(self) -> int:
+        """The oldest epoch whose results are still accepted (moves only at a requested cut)."""
+        return self._live_from
+
+    def is_stale(self, cache_epoch: int) -> bool:
+        """Whether results of ``cache_epoch`` are to be dropped, never decoded or emitted."""
+        return cache_epoch < self._live_from
 
     def in_flight(self) -> int:
         """Results still owed by the pipeline, of any epoch (each must be received)."""
@@ -82,7 +99,8 @@ class EpochGate:
         return next(iter(self._outstanding.values())).id if self._outstanding else None
 
     def in_flight_current(self) -> int:
-        return sum(1 for o in self._outstanding.values() if o.cache_epoch == self._epoch)
+        """Results still owed that will be accepted (not stale)."""
+        return sum(1 for o in self._outstanding.values() if o.cache_epoch >= self._live_from)
 
     def expect(self, plan: ChunkPlan) -> None:
         """Register a plan that is about to be sent; a hard cut moves the epoch.
@@ -104,6 +122,8 @@ class EpochGate:
                     f"hard cut to epoch {plan.cache_epoch} not after {self._epoch}", chunk=plan.id
                 )
             self._epoch = plan.cache_epoch
+            if not plan.forced_cut:
+                self._live_from = plan.cache_epoch
         elif plan.cache_epoch != self._epoch:
             raise GateError(
                 f"plan of epoch {plan.cache_epoch} while the gate is at {self._epoch}", chunk=plan.id
@@ -145,7 +165,7 @@ class EpochGate:
             ``chunk_index`` differs from the plan's (the base of all the above).
         """
         chunk = result.id
-        if result.cache_epoch < self._epoch:
+        if result.cache_epoch < self._live_from:
             owed = self._outstanding.get(result.call_id)
             if owed is not None and owed.cache_epoch == result.cache_epoch:
                 del self._outstanding[result.call_id]
@@ -154,7 +174,7 @@ class EpochGate:
             raise FutureResult(f"result from future epoch (gate at {self._epoch})", chunk=chunk)
         if result.call_id <= self._last_accepted_call and result.call_id not in self._outstanding:
             return self._drop("duplicate")
-        current = [o for o in self._outstanding.values() if o.cache_epoch == self._epoch]
+        current = [o for o in self._outstanding.values() if o.cache_epoch >= self._live_from]
         if not current:
             raise FutureResult("result for a call that was never planned", chunk=chunk)
         head = current[0]
@@ -162,8 +182,10 @@ class EpochGate:
             if result.call_id in self._outstanding:
                 raise OutOfOrderResult(f"result arrived before call {head.call_id}'s", chunk=chunk)
             raise FutureResult("result for a call that was never planned", chunk=chunk)
-        if result.chunk_index != head.chunk_index:
-            raise GateError(f"chunk_index differs from the plan's {head.chunk_index}", chunk=chunk)
+        if result.chunk_index != head.chunk_index or result.cache_epoch != head.cache_epoch:
+            raise GateError(
+                f"chunk_index / epoch differ from the plan's {head.chunk_index} / {head.cache_epoch}", chunk=chunk
+            )
         # A contract failure of the head call is terminal for the stream, so it
         # stays outstanding: nothing after it may be accepted either.
         if not result.ok:

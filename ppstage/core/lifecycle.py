@@ -14,6 +14,16 @@ Chunk protocol::
 
 Indices are in tokens. ``global_end_index`` counts on the stream's timeline,
 ``local_end_index`` in the buffer (capacity ``window_frames * tokens_per_frame``).
+
+Positions (rotary, in frames) are not timeline frames: a frame ``f`` is at
+position ``f - position_offset``. A plan whose ``position_offset`` is larger than
+the state's is a **re-base** (SPEC section 13): every cached frame that is not a
+pinned sink moves down by the difference, so the relative positions of the
+frames kept never change. Sinks kept by a roll are pinned (they keep the
+position they were written at); a recompute rebuild writes every context frame
+at its new position, sinks included. ``slot_positions`` tracks the position of
+every frame slot of the buffer, so each rank can check a re-base before
+applying it.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import msgspec
 from protocol import CallKind, ChunkId, canonical_bytes, digest_bytes
 
 from ppstage.config import CacheGeometry
-from ppstage.errors import CallCountMismatch, IllegalTransition
+from ppstage.errors import CallCountMismatch, IllegalRebase, IllegalTransition
 
 __all__ = [
     "CacheGeometry",
@@ -55,13 +65,18 @@ class LifecyclePlan(Protocol):
     context_frame_indices: tuple[int, ...]
     recompute_mode: str
     anchor_mode: str
+    position_offset: int
 
 
 class RecomputeWindow(msgspec.Struct, frozen=True, kw_only=True):
-    """The cleared cache is rebuilt at ``[0, local_end)`` from these timeline frames."""
+    """The cleared cache is rebuilt at ``[0, local_end)`` from these timeline frames.
+
+    ``positions`` are their rotary positions (``frame - position_offset``).
+    """
 
     frame_positions: tuple[int, ...]
     local_end: int
+    positions: tuple[int, ...] = ()
 
 
 class ChunkWindow(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,6 +87,11 @@ class ChunkWindow(msgspec.Struct, frozen=True, kw_only=True):
     by ``roll_tokens``), then every denoise call writes ``[write_start, write_end)``
     and attends to ``[0, write_end)``. ``bias_keys`` is the buffer range whose
     scores get ``log(attention_bias)``: after the first frame, before the chunk.
+
+    Positions: the chunk's frames are at rotary positions ``position_start + i``.
+    After the roll, a re-base rotates the cached keys ``rebase_keys`` (buffer
+    tokens, the non-sink frames kept) back by ``rebase_shift`` positions; zero
+    when there is no re-base or when the rebuild writes the new positions anyway.
     """
 
     cache_epoch: int
@@ -89,6 +109,10 @@ class ChunkWindow(msgspec.Struct, frozen=True, kw_only=True):
     global_end: int
     attention_bias: float
     bias_keys: tuple[int, int]
+    position_offset: int = 0
+    position_start: int = 0
+    rebase_shift: int = 0
+    rebase_keys: tuple[int, int] = (0, 0)
 
     @property
     def id(self) -> ChunkId:
@@ -117,6 +141,8 @@ class LifecycleState(msgspec.Struct, frozen=True, kw_only=True):
     attention_bias: float = 1.0
     recompute_mode: str = "none"
     anchor_mode: str = "none"
+    position_offset: int = 0
+    slot_positions: tuple[int, ...] = ()  # rotary position of each frame slot of the buffer
 
     @property
     def last_chunk(self) -> ChunkId | None:
@@ -187,13 +213,46 @@ class CacheLifecycle:
             context that does not fit the window, eviction of sink frames).
             The state is unchanged then.
         """
+        window, state = self._derive(plan, plan.position_offset)
+        self._state = state
+        self._window = window
+        return window
+
+    def rebase_offset(self, plan: LifecyclePlan) -> int:
+        """The ``position_offset`` a re-base at ``plan``'s boundary takes (the planner's rule).
+
+        Pure: nothing is applied. ``plan`` is read as if it kept the current
+        offset. The frames that move (every cached frame but the pinned sinks,
+        and the chunk) are packed down so that the oldest lands right after the
+        pinned sinks' count: position ``pinned`` (0 after a rebuild, which pins
+        nothing). Returns the current offset when nothing can move down.
+        """
+        offset = self._state.position_offset
+        window, state = self._derive(plan, offset, check_table=False)
+        pinned = 0 if window.recompute is not None else window.sink_tokens // self.geometry.tokens_per_frame
+        moved = [*state.slot_positions[pinned:], window.position_start]
+        return offset + max(0, min(moved) - pinned)
+
+    def _derive(
+        self, plan: LifecyclePlan, offset: int, *, check_table: bool = True
+    ) -> tuple[ChunkWindow, LifecycleState]:
+        """The window and the in-chunk state ``plan`` leads to, or a typed refusal. Pure."""
         s, g = self._state, self.geometry
+        tpf = g.tokens_per_frame
         chunk = ChunkId.of(plan)
 
         def refuse(text: str) -> None:
             raise IllegalTransition(text, chunk=chunk)
 
+        def refuse_rebase(text: str) -> None:
+            raise IllegalRebase(text, chunk=chunk)
+
         if s.in_chunk:
+            if offset != s.position_offset:
+                refuse_rebase(
+                    f"re-base to offset {offset} while chunk {s.last_chunk_index} is in progress: "
+                    "a re-base happens only at a chunk boundary"
+                )
             refuse("begin_chunk while a chunk is still in progress")
         if plan.call_id <= s.last_call_id:
             refuse(f"call_id {plan.call_id} not after {s.last_call_id} (applied twice?)")
@@ -203,6 +262,8 @@ class CacheLifecycle:
             refuse("expected_generator_calls inconsistent with the plan bits")
         if plan.reset_kv_cache != plan.init_cache:
             refuse("the KV cache is reset exactly at a hard cut")
+        if offset < 0:
+            refuse_rebase(f"position offset {offset} is negative")
 
         if plan.init_cache:
             if plan.cache_epoch != s.cache_epoch + 1:
@@ -211,7 +272,10 @@ class CacheLifecycle:
                 refuse("a hard cut starts at frame 0 without recompute")
             if not plan.reset_crossattn_cache:
                 refuse("a hard cut also resets the cross-attention cache")
+            if offset != 0:
+                refuse_rebase(f"a hard cut restarts positions at offset 0, not {offset}")
             global_end, local_end = 0, 0
+            positions: tuple[int, ...] = ()
         else:
             if s.cache_epoch < 0:
                 refuse("first chunk of a stream must be a hard cut (init_cache)")
@@ -221,7 +285,14 @@ class CacheLifecycle:
                 refuse(
                     f"current_start_frame {plan.current_start_frame} != expected {s.next_start_frame}"
                 )
+            if offset < s.position_offset:
+                refuse_rebase(
+                    f"position offset {offset} below the current {s.position_offset}: "
+                    "a re-base only moves positions down"
+                )
             global_end, local_end = s.global_end_index, s.local_end_index
+            positions = s.slot_positions
+        shift = offset - s.position_offset if not plan.init_cache else 0
 
         recompute = None
         if plan.do_kv_recompute:
@@ -232,9 +303,12 @@ class CacheLifecycle:
                 refuse("context frames must precede the chunk")
             if len(ctx) + g.chunk_frames > g.window_frames:
                 refuse(f"{len(ctx)} context frames + chunk exceed the window")
-            local_end = len(ctx) * g.tokens_per_frame
-            global_end = (ctx[-1] + 1) * g.tokens_per_frame
-            recompute = RecomputeWindow(frame_positions=ctx, local_end=local_end)
+            if ctx[0] < offset:
+                refuse_rebase(f"context frame {ctx[0]} would sit at negative position {ctx[0] - offset}")
+            local_end = len(ctx) * tpf
+            global_end = (ctx[-1] + 1) * tpf
+            positions = tuple(f - offset for f in ctx)
+            recompute = RecomputeWindow(frame_positions=ctx, local_end=local_end, positions=positions)
         elif plan.context_frame_indices:
             refuse("context frames without a planned recompute")
 
@@ -244,7 +318,26 @@ class CacheLifecycle:
             refuse("eviction would have to drop sink frames")
         write_start = local_end - roll
         write_end = write_start + g.chunk_tokens
-        global_start = plan.current_start_frame * g.tokens_per_frame
+        global_start = plan.current_start_frame * tpf
+        sink_tokens = min(g.sink_tokens, write_start)
+        pinned = sink_tokens // tpf
+        positions = positions[:pinned] + positions[pinned + roll // tpf :]
+
+        # Re-base of the frames the roll kept (a rebuild already wrote the new positions).
+        rebase_shift = shift if recompute is None and write_start > sink_tokens else 0
+        if rebase_shift:
+            moved = tuple(p - rebase_shift for p in positions[pinned:])
+            if min(moved) < 0:
+                refuse_rebase(
+                    f"re-base by {rebase_shift} would move a cached frame to position {min(moved)}"
+                )
+            positions = positions[:pinned] + moved
+        position_start = plan.current_start_frame - offset
+        if position_start < 0:
+            refuse_rebase(f"chunk at frame {plan.current_start_frame} below offset {offset}")
+        last = position_start + g.chunk_frames - 1
+        if check_table and g.max_positions is not None and last >= g.max_positions:
+            refuse(f"chunk reaches position {last}, past the positional table ({g.max_positions})")
         window = ChunkWindow(
             cache_epoch=plan.cache_epoch,
             call_id=plan.call_id,
@@ -254,15 +347,19 @@ class CacheLifecycle:
             reset_crossattn=plan.reset_crossattn_cache,
             recompute=recompute,
             roll_tokens=roll,
-            sink_tokens=min(g.sink_tokens, write_start),
+            sink_tokens=sink_tokens,
             write_start=write_start,
             write_end=write_end,
             global_start=global_start,
             global_end=global_start + g.chunk_tokens,
             attention_bias=float(plan.kv_cache_attention_bias),
-            bias_keys=(min(g.tokens_per_frame, write_start), write_start),
+            bias_keys=(min(tpf, write_start), write_start),
+            position_offset=offset,
+            position_start=position_start,
+            rebase_shift=rebase_shift,
+            rebase_keys=(sink_tokens, write_start) if rebase_shift else (0, 0),
         )
-        self._state = msgspec.structs.replace(
+        state = msgspec.structs.replace(
             s,
             cache_epoch=plan.cache_epoch,
             last_call_id=plan.call_id,
@@ -279,9 +376,10 @@ class CacheLifecycle:
             attention_bias=float(plan.kv_cache_attention_bias),
             recompute_mode=plan.recompute_mode,
             anchor_mode=plan.anchor_mode,
+            position_offset=offset,
+            slot_positions=positions,
         )
-        self._window = window
-        return window
+        return window, state
 
     def record_call(self, kind: CallKind) -> int:
         """Count one generator call of the chunk in progress, before it runs.
@@ -352,11 +450,13 @@ class CacheLifecycle:
                 f"chunk ended after {s.calls_made} generator calls, planned {s.expected_calls}", chunk=chunk
             )
         w = self._window
+        written = tuple(range(w.position_start, w.position_start + self.geometry.chunk_frames))
         self._state = msgspec.structs.replace(
             s,
             in_chunk=False,
             local_end_index=w.write_end,
             global_end_index=w.global_end,
             next_start_frame=w.current_start_frame + self.geometry.chunk_frames,
+            slot_positions=s.slot_positions + written,
         )
         return self._state

@@ -46,6 +46,8 @@ class ChunkPlan(msgspec.Struct, frozen=True, kw_only=True):
     prompt: str
     base_seed: int
     forced_cut: bool = False
+    position_offset: int = 0  # rotary position of timeline frame f is f - position_offset
+    rebased: bool = False  # the offset moved at this boundary (a re-base, SPEC section 13)
 
     @property
     def id(self) -> ChunkId:

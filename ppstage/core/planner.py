@@ -2,10 +2,18 @@
 
 Intents (hard cut, prompt update, attention-bias change, step-list change,
 stream start) queue up and take effect at the next chunk boundary, never in
-the middle of a chunk. The planner forces a hard cut before the positional
-(RoPE) table would run out, applies the recompute mode and cadence, and emits
-immutable ``ChunkPlan``s with strictly increasing ``call_id`` / ``chunk_index``.
-Pure: no I/O, no clocks.
+the middle of a chunk. Before the positional (RoPE) table would run out it
+plans a re-base at that chunk boundary (``cache.on_position_overflow =
+"rebase"``, the default) or forces a hard cut (``"cut"``); it applies the
+recompute mode and cadence, and emits immutable ``ChunkPlan``s with strictly
+increasing ``call_id`` / ``chunk_index``.
+
+The planner keeps a ``CacheLifecycle`` of its own, fed every plan it emits
+(the same plans every generator rank applies), to read which positions the
+cache will hold at the next boundary: ``CacheLifecycle.rebase_offset`` gives
+the offset, the planner only stamps it. Every plan is thereby also checked
+as a legal transition before anything is sent. Pure: no I/O, no clocks;
+memory is constant over a stream of any length.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ import msgspec
 
 from protocol import ANCHOR_FOR_MODE, ChunkId
 
-from ppstage.config import PPStageConfig, step_list_problem
+from ppstage.config import CacheGeometry, PPStageConfig, step_list_problem
+from ppstage.core.lifecycle import CacheLifecycle
 from ppstage.core.plan import ChunkPlan
 from ppstage.errors import PPStageError
 
@@ -80,6 +89,12 @@ class Planner:
         self._prompt: str | None = None
         self._bias = 1.0
         self._steps = tuple(config.denoise.step_list)
+        self._offset = 0
+        self._cache = CacheLifecycle(CacheGeometry.of(config))
+
+    @property
+    def position_offset(self) -> int:
+        return self._offset
 
     @property
     def cache_epoch(self) -> int:
@@ -140,14 +155,16 @@ class Planner:
         cfg = self.config
         frames = cfg.cache.chunk_frames
         forced = False
+        overflow = self._next_start + frames - self._offset > cfg.model.rope_max_frames
         if self._epoch < 0:
             cut = True
-        elif not cut and self._next_start + frames > cfg.model.rope_max_frames:
+        elif not cut and overflow and cfg.cache.on_position_overflow == "cut":
             cut = forced = True
         if cut:
             self._epoch += 1
             self._next_start = 0
             self._chunk_in_epoch = 0
+            self._offset = 0
 
         start = self._next_start
         mode = cfg.recompute.mode
@@ -184,12 +201,38 @@ class Planner:
             prompt=self._prompt,
             base_seed=cfg.denoise.base_seed,
             forced_cut=forced,
+            position_offset=self._offset,
         )
+        if overflow and not cut:
+            plan = self._rebase(plan)
+        lc = self._cache
+        lc.begin_chunk(plan)
+        for i in range(plan.expected_generator_calls):
+            lc.record_call("recompute" if plan.do_kv_recompute and i == 0 else "denoise")
+        lc.end_chunk()
         self._next_call_id += 1
         self._next_chunk_index += 1
         self._next_start = start + frames
         self._chunk_in_epoch += 1
         return plan
+
+    def _rebase(self, plan: ChunkPlan) -> ChunkPlan:
+        """Stamp the re-base offset on ``plan``: the window packed to the table's bottom."""
+        offset = self._cache.rebase_offset(plan)
+        rc = self.config.recompute
+        if rc.mode != "r1":
+            # A later rebuild writes its context from frame (its start - decoded_buffer_frames)
+            # on, at frame - offset: the offset must never pass the oldest frame it may use.
+            offset = min(offset, max(self._offset, plan.end_frame - rc.decoded_buffer_frames))
+        table = self.config.model.rope_max_frames
+        if plan.end_frame - offset > table:  # PPStageConfig.rebase_span makes this unreachable
+            raise PlannerError(
+                f"a re-base at frame {plan.current_start_frame} still needs "
+                f"{plan.end_frame - offset} positions, the table has {table}",
+                chunk=plan.id,
+            )
+        self._offset = offset
+        return msgspec.structs.replace(plan, position_offset=offset, rebased=True)
 
     def control_ids(self) -> ChunkId:
         """Consume a call_id for a NOOP / SHUTDOWN / ERROR message (the latest chunk's index and epoch)."""
@@ -209,9 +252,10 @@ class Planner:
         planning anything; ``tests/test_service_units.py`` checks the two agree.
         """
         cut = self._epoch < 0 or any(isinstance(i, (StreamStart, HardCut)) for i in self._pending)
-        frames = self.config.cache.chunk_frames
-        if not cut and self._next_start + frames > self.config.model.rope_max_frames:
-            cut = True
+        cfg = self.config
+        overflow = self._next_start + cfg.cache.chunk_frames - self._offset > cfg.model.rope_max_frames
+        if not cut and overflow and cfg.cache.on_position_overflow == "cut":
+            cut = True  # a forced cut; under "rebase" the same boundary re-bases in the same epoch
         return self._next_chunk_index, self._epoch + (1 if cut else 0)
 
     def _context(self, start: int) -> tuple[tuple[int, ...], str, int]:

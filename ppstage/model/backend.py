@@ -28,7 +28,9 @@ class GeneratorBackend(Protocol):
 
     - ``begin_chunk`` applies the plan through ``lifecycle.begin_chunk`` and does
       exactly what the returned ``ChunkWindow`` says (reset, cross-attn reset,
-      recompute rebuild, roll), in that order; it never computes an index itself.
+      recompute rebuild, roll, re-base of the kept keys by ``rebase_shift``), in
+      that order; it never computes an index or a position itself (positions:
+      ``position_start``, ``RecomputeWindow.positions``).
     - ``run_call`` first calls ``lifecycle.record_call(kind)``; denoise calls write
       ``[write_start, write_end)`` and attend to ``[0, write_end)``; a recompute call
       (timestep 0) rebuilds ``[0, recompute.local_end)`` from the context frames.

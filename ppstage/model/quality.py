@@ -6,6 +6,13 @@ config*. ``run_quality`` produces that evidence (PSNR and max abs difference
 of the decoded uint8 frames per chunk, a PASS/FAIL verdict against a PSNR
 threshold) and ``check_quality_report`` is what a deployment enabling R0
 calls to verify a stored report.
+
+SPEC section 13: ``run_rebase_quality`` compares a re-basing stream (the
+config's small positional table) with an *oracle*, the same config with a
+table large enough never to re-base, on the same inputs (same noise, prompts
+and cuts: positions are the only difference). ``rebase_changes_view`` says
+when a re-base changes what the model sees (a pinned sink's distance), and
+``check_rebase_quality_report`` gates those configs like R0.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ class QualityReport(msgspec.Struct, frozen=True, kw_only=True):
     candidate_config_digest: str  # PPStageConfig.digest() of the candidate run
     script: StreamScript
     rows: tuple[ChunkQuality, ...]
+    rebase_chunks: tuple[int, ...] = ()  # chunks at whose boundary the candidate re-based
+    oracle_table: int | None = None  # rope_max_frames of the oracle (re-base reports)
 
     @property
     def passed(self) -> bool:
@@ -72,9 +81,22 @@ def quality_config_digest(config: PPStageConfig) -> str:
     spread and timed, and the pipeline is bitwise equal to the reference for
     any split, so a report made once holds for every topology.
     """
-    neutral = config.with_overrides({"recompute.mode": "r0a", "recompute.r0_quality_report": None})
+    neutral = config.with_overrides(
+        {"recompute.mode": "r0a", "recompute.r0_quality_report": None, "cache.rebase_quality_report": None}
+    )
     parts = {name: getattr(neutral, name) for name in ("model", "cache", "recompute", "denoise")}
     return digest_bytes(msgspec.json.encode(parts, order="sorted"))
+
+
+def around_rebases(report: QualityReport) -> list[tuple[int, str]]:
+    """Per re-base chunk k: the worst PSNR of chunks k-1 .. k+2 (``"inf"`` when all identical)."""
+    by_chunk = {r.chunk_index: r.psnr_db for r in report.rows}
+    out = []
+    for k in report.rebase_chunks:
+        near = [by_chunk[j] for j in range(k - 1, k + 3) if j in by_chunk]
+        finite = [p for p in near if p is not None]
+        out.append((k, f"{min(finite):.2f} dB" if finite else "inf"))
+    return out
 
 
 def compare_records(
@@ -137,6 +159,108 @@ def run_quality(
     )
 
 
+REBASE_BASELINE, REBASE_CANDIDATE = "oracle", "rebase"
+
+
+def rebase_changes_view(config: PPStageConfig) -> bool:
+    """Whether a re-base under ``config`` can change what the model attends to.
+
+    A re-base moves every cached frame by the same amount, except sinks kept by
+    a roll, which are pinned (docs/lifecycle.md). So it changes the view only
+    when it can land on a rolled chunk that has sinks: mode ``r1``, or a
+    recompute cadence above 1. With cadence 1 every re-base lands on a rebuild,
+    which writes every frame at its new position: relative distances are exact.
+    """
+    c = config.cache
+    return c.sink_frames > 0 and (config.recompute.mode == "r1" or config.recompute.cadence > 1)
+
+
+def rebase_config_digest(config: PPStageConfig) -> str:
+    """Digest of what decides a re-basing stream's video: model, cache, mode, cadence, denoise."""
+    neutral = config.with_overrides(
+        {"recompute.r0_quality_report": None, "cache.rebase_quality_report": None}
+    )
+    parts = {name: getattr(neutral, name) for name in ("model", "cache", "recompute", "denoise")}
+    return digest_bytes(msgspec.json.encode(parts, order="sorted"))
+
+
+def oracle_table(config: PPStageConfig, chunks: int) -> int:
+    """A positional table that ``chunks`` chunks of one epoch never pass."""
+    return max(config.model.rope_max_frames, (chunks + 1) * config.cache.chunk_frames)
+
+
+def run_rebase_quality(
+    config: PPStageConfig,
+    *,
+    chunks: int = 24,
+    script: StreamScript | None = None,
+    threshold_db: float = DEFAULT_THRESHOLD_DB,
+) -> QualityReport:
+    """Compare ``config`` (re-basing at its table) with an oracle that never re-bases."""
+    script = script if script is not None else StreamScript()
+    cand_cfg = config.with_overrides({"cache.on_position_overflow": "rebase"})
+    table = oracle_table(config, chunks)
+    base_cfg = cand_cfg.with_overrides({"model.rope_max_frames": table})
+    candidate = run_reference(cand_cfg, chunks, script)
+    rows = compare_records(run_reference(base_cfg, chunks, script), candidate)
+    finite = [r.psnr_db for r in rows if r.psnr_db is not None]
+    min_psnr = min(finite) if finite else None
+    ok = min_psnr is None or min_psnr >= threshold_db
+    return QualityReport(
+        baseline=REBASE_BASELINE,
+        candidate=REBASE_CANDIDATE,
+        chunks=chunks,
+        threshold_db=threshold_db,
+        min_psnr_db=min_psnr,
+        max_abs_diff=max((r.max_abs_diff for r in rows), default=0),
+        verdict="PASS" if ok else "FAIL",
+        config_digest=rebase_config_digest(config),
+        baseline_config_digest=base_cfg.digest(),
+        candidate_config_digest=cand_cfg.digest(),
+        script=script,
+        rows=rows,
+        rebase_chunks=tuple(r.chunk_index for r in candidate if r.rebased),
+        oracle_table=table,
+    )
+
+
+def check_rebase_quality_report(
+    config: PPStageConfig, path: str | Path | None = None, *, chunks: int | None = None
+) -> QualityReport | None:
+    """The re-base gate: where a re-base changes the view, refuse without a PASS for this config.
+
+    Returns None when no report is needed: policy ``cut``; re-bases that keep
+    every relative distance; or a run of ``chunks`` chunks too short to reach
+    the table (``None``: unbounded). Mode ``r1`` is the bring-up mode that
+    already departs from the reference model (SPEC section 4): measured, not gated.
+    """
+    short = chunks is not None and chunks * config.cache.chunk_frames <= config.model.rope_max_frames
+    if (
+        config.cache.on_position_overflow != "rebase"
+        or config.recompute.mode == "r1"
+        or not rebase_changes_view(config)
+        or short
+    ):
+        return None
+    path = path if path is not None else config.cache.rebase_quality_report
+    if path is None:
+        raise QualityError(
+            "re-bases under this config pin the sinks (cadence > 1), which changes what the model "
+            "sees: set cache.rebase_quality_report to a passing `ppstage quality --rebase` report, "
+            'or cache.on_position_overflow = "cut"'
+        )
+    report = read_report(path)
+    if (report.baseline, report.candidate) != (REBASE_BASELINE, REBASE_CANDIDATE):
+        raise QualityError(f"report compares {report.candidate} to {report.baseline}, not a re-base to its oracle")
+    if report.config_digest != rebase_config_digest(config):
+        raise QualityError("re-base quality report was made for a different model or config")
+    if not report.rebase_chunks:
+        raise QualityError("re-base quality report contains no re-base (run more chunks)")
+    if not report.passed:
+        raise QualityError(f"re-base quality report verdict is {report.verdict} (min PSNR {report.min_psnr_db} dB)")
+    return report
+
+
 def write_report(path: str | Path, report: QualityReport) -> None:
     Path(path).write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2))
 
@@ -168,12 +292,20 @@ def check_quality_report(config: PPStageConfig, path: str | Path | None = None) 
 
 def format_table(report: QualityReport) -> str:
     lines = [f"{'chunk':>6} {'epoch':>6} {'psnr_db':>9} {'max_abs':>8} {'mean_abs':>9}"]
+    rebased = set(report.rebase_chunks)
     for r in report.rows:
         psnr = "inf" if r.psnr_db is None else f"{r.psnr_db:.2f}"
         lines.append(
             f"{r.chunk_index:>6} {r.cache_epoch:>6} {psnr:>9} {r.max_abs_diff:>8} "
-            f"{r.mean_abs_diff:>9.4f}"
+            f"{r.mean_abs_diff:>9.4f}" + ("  re-base" if r.chunk_index in rebased else "")
         )
+    if report.rebase_chunks:
+        lines.append(
+            f"{len(report.rebase_chunks)} re-base(s) at chunks {list(report.rebase_chunks)}; "
+            f"oracle table {report.oracle_table} frames"
+        )
+        for k, lo in around_rebases(report):
+            lines.append(f"  re-base at chunk {k}: min PSNR over chunks {k - 1}..{k + 2}: {lo}")
     worst = "inf" if report.min_psnr_db is None else f"{report.min_psnr_db:.2f}"
     lines.append(
         f"{report.candidate} vs {report.baseline}: min PSNR {worst} dB, max abs diff "

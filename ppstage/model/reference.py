@@ -2,7 +2,9 @@
 
 Per chunk: stage-0 inputs -> ``begin_chunk`` -> optional recompute call ->
 N denoise calls with the scheduler -> ``end_chunk`` -> record latents ->
-decode. ``run_reference`` is what the distributed demo calls to obtain the
+decode. Re-bases and forced cuts come from the same ``Planner`` and are
+applied by the same ``GeneratorStage`` as in the distributed runtime, so a
+distributed run stays bitwise equal to this one across them. ``run_reference`` is what the distributed demo calls to obtain the
 digests its output must match, so it stays importable and fast.
 """
 
@@ -73,6 +75,8 @@ class ChunkRecord:
     model_ms: float
     latents_out: Tensor  # [F, C, H, W] float32
     pixels: Tensor  # [F, 3, H, W] uint8
+    position_offset: int = 0  # rotary position of frame f is f - position_offset
+    rebased: bool = False  # a re-base happened at this chunk's boundary
 
     def summary(self) -> dict[str, object]:
         """The record without tensors (JSON-ready)."""
@@ -123,6 +127,8 @@ class ReferencePipeline:
             model_ms=model_ms,
             latents_out=latents_out,
             pixels=pixels,
+            position_offset=plan.position_offset,
+            rebased=plan.rebased,
         )
 
     def generate(self, plan: ChunkPlan, inputs: ChunkInputs) -> Tensor:

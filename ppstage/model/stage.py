@@ -105,6 +105,7 @@ class GeneratorStage:
             self._roll_after_recompute = True
         else:
             self._roll(window)
+            self._rebase(window)
         self._conditioning = conditioning.detach().clone()
         return window
 
@@ -120,14 +121,14 @@ class GeneratorStage:
         w = self.lifecycle.window
         if kind == "recompute":
             assert w.recompute is not None  # record_call refused an unplanned recompute
-            frames: tuple[int, ...] = w.recompute.frame_positions
+            positions: tuple[int, ...] = w.recompute.positions
             write = (0, w.recompute.local_end)
         else:
-            start = w.current_start_frame
-            frames = tuple(range(start, start + self.config.cache.chunk_frames))
+            start = w.position_start  # rotary position: timeline frame - position_offset
+            positions = tuple(range(start, start + self.config.cache.chunk_frames))
             write = (w.write_start, w.write_end)
-        h = self._embed(x, len(frames), w)
-        rope = self._rope.for_frames(frames)
+        h = self._embed(x, len(positions), w)
+        rope = self._rope.for_frames(positions)
         temb, mods = self._modulation(timestep)
         bias = None
         lo, hi = w.bias_keys
@@ -168,6 +169,15 @@ class GeneratorStage:
             end = w.write_start + w.roll_tokens  # local_end before the roll
             for c in self.caches:
                 c.roll(w.sink_tokens, w.roll_tokens, end)
+
+    def _rebase(self, w: ChunkWindow) -> None:
+        # After the roll, before the first write: the kept keys move to the positions
+        # the lifecycle derived (a rebuild chunk writes them there instead).
+        if w.rebase_shift:
+            rotation = self._rope.shift(-w.rebase_shift)
+            lo, hi = w.rebase_keys
+            for c in self.caches:
+                c.rerotate(lo, hi, rotation)
 
     def _embed(self, x: Tensor, n_frames: int, w: ChunkWindow) -> Tensor:
         m = self.config.model

@@ -14,7 +14,12 @@ inputs (phase A) and decodes results (phase C):
 ``decode`` runs the VAE outside the lock, so rank 0 may call it from a worker
 thread while the event loop builds the next envelope. A plan of a newer epoch
 clears the old epoch's latents and pixels; a plan of an older epoch is refused
-(``StaleInputs``): rank 0's gate drops such results before they get here.
+(``StaleInputs``): rank 0's gate drops such results before they get here. The
+exception is a *forced* cut (``cache.on_position_overflow = "cut"``): the old
+epoch's results in flight are still decoded and emitted, but never stored (the
+new epoch never reads them). Memory is bounded: at most
+``decoded_buffer_frames + 2 * chunk_frames + 1`` latent frames and
+``decoded_buffer_frames`` decoded frames, however long the stream.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class StreamInputs:
         self._shape = latent_shape(config)
         self._lock = threading.Lock()
         self._epoch = -1
+        self._live_from = -1  # oldest epoch still decoded (moves only at a requested cut)
         self._latents: dict[int, Tensor] = {}  # frame -> [C, H, W] of the current epoch
         self._decoded: OrderedDict[int, Tensor] = OrderedDict()  # frame -> [3, H, W] uint8
         # Latents older than this many frames behind the newest are never a context frame.
@@ -112,7 +118,8 @@ class StreamInputs:
                 f"latents_out {tuple(latents_out.shape)} != {self._shape}", chunk=plan.id
             )
         with self._lock:
-            self._enter_epoch(plan)
+            if not self._enter_epoch(plan):
+                return  # an epoch a forced cut ended: emitted, never a context frame
             for i in range(latents_out.shape[0]):
                 self._latents[plan.current_start_frame + i] = latents_out[i].detach().clone()
             oldest = plan.end_frame - self._keep_latents
@@ -123,7 +130,8 @@ class StreamInputs:
         """VAE-decode ``latents_out`` -> ``[F, 3, H, W]`` uint8 and keep the newest frames."""
         pixels = self.backend.vae_decode(latents_out)
         with self._lock:
-            self._enter_epoch(plan)
+            if not self._enter_epoch(plan):
+                return pixels
             for i in range(pixels.shape[0]):
                 self._decoded[plan.current_start_frame + i] = pixels[i]
             while len(self._decoded) > self.config.recompute.decoded_buffer_frames:
@@ -131,13 +139,19 @@ class StreamInputs:
         return pixels
 
     # -- internals ---------------------------------------------------------
-    def _enter_epoch(self, plan: ChunkPlan) -> None:
-        if plan.cache_epoch < self._epoch:
+    def _enter_epoch(self, plan: ChunkPlan) -> bool:
+        """Move to ``plan``'s epoch if newer; False for an older epoch still decoded."""
+        if plan.cache_epoch < self._live_from:
             raise StaleInputs(f"plan of epoch {plan.cache_epoch}, serving {self._epoch}", chunk=plan.id)
+        if plan.cache_epoch < self._epoch:
+            return False
         if plan.cache_epoch > self._epoch:  # hard cut: nothing of the old epoch may leak
             self._epoch = plan.cache_epoch
+            if not plan.forced_cut:
+                self._live_from = plan.cache_epoch
             self._latents.clear()
             self._decoded.clear()
+        return True
 
     def _needed(self, plan: ChunkPlan) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """``(latent frames, decoded frames)`` the plan's context is built from."""

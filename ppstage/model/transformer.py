@@ -62,6 +62,14 @@ class LayerCache:
         # Stale, not freed: recomputed from the stored conditioning at the next call.
         self.cross_is_init = False
 
+    def rerotate(self, lo: int, hi: int, rotation: Tensor) -> None:
+        """Move the cached keys ``[lo, hi)`` to other positions: multiply by ``rotation`` (re-base).
+
+        Values carry no position, so only ``k`` changes.
+        """
+        if lo < hi:
+            self.k[:, lo:hi] = apply_rotary(self.k[:, lo:hi], rotation)
+
     def roll(self, sink: int, roll: int, end: int) -> None:
         """Drop ``roll`` tokens after the ``sink`` tokens of ``[0, end)`` (shift left)."""
         if roll <= 0:
@@ -82,6 +90,7 @@ class RotaryTable:
         freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         angles = torch.arange(cfg.rope_max_frames, dtype=torch.float64)[:, None] * freqs[None, :]
         self.table = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+        self.freqs = freqs
         self.tokens_per_frame = cfg.tokens_per_frame
         self.max_frames = cfg.rope_max_frames
 
@@ -91,6 +100,15 @@ class RotaryTable:
             raise ValueError(f"frame positions {tuple(frames)} outside the rotary table")
         idx = torch.tensor(frames, dtype=torch.long).repeat_interleave(self.tokens_per_frame)
         return self.table[idx][:, None, None, :]
+
+    def shift(self, delta: int) -> Tensor:
+        """The rotation ``exp(i * delta * freq)`` ``[head_dim/2]`` that moves a rotated key by ``delta``.
+
+        Computed like the table (float64 angles, then complex64); ``delta`` may be
+        negative (a re-base moves keys down) and is not bounded by the table.
+        """
+        angles = float(delta) * self.freqs
+        return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
 def apply_rotary(x: Tensor, rope: Tensor) -> Tensor:

@@ -51,6 +51,7 @@ def infer_envelope(plan: ChunkPlan, inputs: ChunkInputs) -> tuple[InferEnvelope,
         anchor_mode=plan.anchor_mode,
         context_frame_indices=plan.context_frame_indices,
         tensors=specs,
+        position_offset=plan.position_offset,
     )
     return env, tensors
 

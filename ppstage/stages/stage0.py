@@ -6,9 +6,11 @@ gate -> decode queue (``D_out``) -> decode in a worker thread -> output sink.
 Overlap: the producer sends the envelope of chunk k+1 as soon as credit and
 the plan's inputs allow, independently of chunk k's decode; only an R0a
 steady-state recompute waits, and only for the one decoded anchor it needs.
-A hard cut moves the gate's epoch when its plan is registered: results of the
-old epoch still in flight are received (framing) and dropped by epoch, and
-old-epoch entries still in the decode queue are flushed, never emitted.
+A hard cut moves the gate's epoch when its plan is registered: after a
+requested cut, results of the old epoch still in flight are received (framing)
+and dropped by epoch, and old-epoch entries still in the decode queue are
+flushed, never emitted. A cut the planner forced (policy ``cut``) keeps them:
+they are emitted in plan order. A re-base changes no epoch: it is only logged.
 
 Rank 0 also keeps a shadow ``CacheLifecycle`` fed the same plans in the same
 order as the stages: every stage's reported state digest must equal it.
@@ -252,6 +254,8 @@ class Stage0Actor:
             plan = self.planner.next_chunk()
             if plan.init_cache and k > 0:
                 self._log.info("hard cut", forced=plan.forced_cut, **ids_of(plan))
+            elif plan.rebased:
+                self._log.info("re-base", position_offset=plan.position_offset, **ids_of(plan))
             await self._wait(lambda: self._inputs_ready(plan))
             ev = self.ledger.open(plan.chunk_index, plan.call_id, plan.cache_epoch)
             ev.build_start = time.perf_counter()
@@ -378,7 +382,7 @@ class Stage0Actor:
             plan, latents = await self._decode_q.get()
             ev = self.ledger.get(plan.chunk_index)
             assert ev is not None  # in flight: the ledger keeps it
-            if plan.cache_epoch < self.gate.epoch:
+            if self.gate.is_stale(plan.cache_epoch):
                 self._flush(ev)
                 continue
             self._decoding = True
@@ -390,7 +394,7 @@ class Stage0Actor:
             finally:
                 self._decoding = False
             ev.decode_end = time.perf_counter()
-            if pixels is None or plan.cache_epoch < self.gate.epoch:
+            if pixels is None or self.gate.is_stale(plan.cache_epoch):
                 self._flush(ev)
                 continue
             if self.sink is not None:
