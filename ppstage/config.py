@@ -149,6 +149,23 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ConfigError("keepalives must be more frequent than the stage idle deadline")
 
 
+class RecordConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Message logs (docs/replay.md). ``dir`` set: every rank writes ``dir/rank<r>.ppslog``.
+
+    ``tensors``: ``"digest"`` logs tensor digests only, ``"full"`` their bytes too.
+    ``flight_records``: how many recent records each rank keeps in memory (always
+    on) and writes out when it fails.
+    """
+
+    dir: str | None = None
+    tensors: Literal["full", "digest"] = "digest"
+    flight_records: int = 256
+
+    def __post_init__(self) -> None:
+        if self.flight_records < 1:
+            raise ConfigError("record.flight_records must be >= 1")
+
+
 class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
@@ -156,6 +173,7 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     denoise: DenoiseConfig = msgspec.field(default_factory=DenoiseConfig)
     topology: TopologyConfig = msgspec.field(default_factory=TopologyConfig)
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+    record: RecordConfig = msgspec.field(default_factory=RecordConfig)
 
     def __post_init__(self) -> None:
         if self.recompute.context_frames > self.cache.max_context_frames:

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the reference comparison")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="rank log level (debug: every commitment point); logs go to OUT/rank<r>.log")
+    p.add_argument("--record", default=None, metavar="DIR",
+                   help="every rank writes its message log to DIR/rank<r>.ppslog (docs/replay.md)")
     p.add_argument("--timeout", type=float, default=600.0, help="give up (and kill every rank) after this")
 
 
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         launch_args += ["--cut-at", str(k)]
     for v in args.prompt_at:
         launch_args += ["--prompt-at", v]
+    if args.record:
+        launch_args += ["--record", args.record]
     pipe = start_pipeline(cfg, out, chunks=args.chunks, launch_args=launch_args, passthrough_stdout=True)
     previous = {s: signal.signal(s, lambda *_: pipe.signal_rank0(signal.SIGTERM)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -140,7 +140,7 @@ def start_pipeline(
             }
             cmd = [
                 sys.executable, "-m", "ppstage.cli", "launch",
-                "--config", str(cfg_path), "--chunks", str(chunks), *launch_args,
+                "--config", str(cfg_path), "--chunks", str(chunks), "--flight-dir", str(out), *launch_args,
             ]
             if rank == 0:
                 cmd += ["--summary-out", str(summary), "--latents-out", str(out / "latents")]

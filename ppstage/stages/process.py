@@ -28,6 +28,7 @@ from ppstage.observability import logs
 from ppstage.config import PPStageConfig
 from ppstage.errors import ParityError
 from ppstage.model.reference import StreamScript
+from ppstage.replay import recorder
 
 EXIT_FAILED, EXIT_PARITY = 1, 2  # 0 after an orderly SHUTDOWN
 FATAL_GRACE_S = 5.0  # time an actor gets to report and stop after its channel failed
@@ -48,6 +49,8 @@ class RankOptions(msgspec.Struct, frozen=True, kw_only=True):
     json_logs: bool = False
     log_level: str = "info"
     progress: bool = True
+    record_dir: str | None = None  # message log: DIR/rank<r>.ppslog (overrides record.dir)
+    flight_dir: str | None = None  # flight-recorder dump on failure (default: record dir, else cwd)
 
 
 def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
@@ -70,6 +73,7 @@ def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
         print(f"rank {opts.rank}: {exc}", file=sys.stderr)
         return EXIT_PARITY
     groups = build_groups(config, opts.rank)
+    _install_recorder(config, role, opts)
     log.info("started", world_size=opts.world_size, layers=role.layer_range, tp_rank=role.tp_rank)
 
     if role.stage > 0 and not role.is_leader:
@@ -115,7 +119,7 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
 
     transport = Transport(
         config, role, groups, loop=loop, geometry=config.wire_geometry(),
-        on_fatal=on_fatal, on_terminal=on_terminal,
+        on_fatal=on_fatal, on_terminal=on_terminal, recorder=recorder.current(),
     )
     if role.stage == 0:
         progress = _print_progress if opts.progress else None
@@ -189,8 +193,24 @@ def _print_progress(ev) -> None:
     )
 
 
+def _install_recorder(config: PPStageConfig, role, opts: RankOptions) -> None:
+    """This rank's message log (if recording) and flight recorder (always)."""
+    kind = "stage0" if role.stage == 0 else "leader" if role.is_leader else "follower"
+    recorder.install(
+        recorder.MessageRecorder(
+            config, rank=opts.rank, role=kind, stage=role.stage, world_size=opts.world_size,
+            record_dir=opts.record_dir, flight_dir=opts.flight_dir,
+        )
+    )
+
+
 def exit_process(code: int) -> None:
-    """End the process now (see the module docstring for why not ``sys.exit``)."""
+    """End the process now (see the module docstring for why not ``sys.exit``).
+
+    The message log is flushed and closed first; a failing rank also writes
+    its flight recorder (``ppstage.replay.recorder.finish``).
+    """
+    recorder.finish(code)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -96,6 +96,7 @@ class Stage0Actor:
         self.latents_dir = latents_dir
         self.pause_before = pause_before or {}
         self.fault = fault_from_env()
+        self.recorder = transport.recorder
         self.planner = Planner(config)
         self.gate = EpochGate()
         self.stream = StreamInputs(config)
@@ -154,10 +155,12 @@ class Stage0Actor:
         except ProtocolError as exc:
             code, error = 1, f"{type(exc).__name__}: {exc}"
             self._log.error("pipeline failed", reason=error)
+            self.recorder.event("failure", error)
             await self._send_error(error)
         except Exception as exc:  # a bug or a torch error: still end the chain loudly
             code, error = 1, f"{type(exc).__name__}: {exc}"
             self._log.exception("stage 0 failed")
+            self.recorder.event("failure", error)
             await self._send_error(error)
         finally:
             for t in [producer, *tasks]:
@@ -204,10 +207,12 @@ class Stage0Actor:
             ev = ChunkEvents(chunk_index=plan.chunk_index, call_id=plan.call_id, cache_epoch=plan.cache_epoch)
             self.events[plan.chunk_index] = ev
             ev.build_start = time.perf_counter()
+            build_ns = time.monotonic_ns()
             inputs = self.stream.chunk_inputs(plan)
             env, tensors = infer_envelope(plan, inputs)
             env = self._inject(env, tensors)
             ev.build_end = time.perf_counter()
+            self.recorder.span("build", build_ns, plan)
             if not self.gate.in_flight():
                 self._owed_since = time.monotonic()  # a result is owed from now on
             self._expect(plan)
@@ -243,6 +248,7 @@ class Stage0Actor:
             self.shadow.record_call("recompute" if plan.do_kv_recompute and i == 0 else "denoise")
         self.shadow.end_chunk()
         self.expected_digest[plan.call_id] = self.shadow.digest()
+        self.recorder.plan(plan, self.expected_digest[plan.call_id])
 
     # -- phase C: gate, decode, emit -----------------------------------------------
     async def _receive(self) -> None:
@@ -257,6 +263,7 @@ class Stage0Actor:
                 raise ProtocolError(f"unexpected {action_of(msg)} on the result link", **ids_of(msg))
             latents = item.tensors.get("latents_out")
             verdict = self.gate.admit(msg)
+            self.recorder.gate(msg, verdict.reason)
             ev = self.events.get(msg.chunk_index)
             if not verdict.accepted:
                 self._log.info("result dropped", reason=verdict.reason, **ids_of(msg))
@@ -330,6 +337,7 @@ class Stage0Actor:
                 continue
             self._decoding = True
             ev.decode_start = time.perf_counter()
+            decode_ns = time.monotonic_ns()
             try:
                 pixels = await loop.run_in_executor(self._decoder, self._decode_one, plan, latents, cost_s)
             except StaleInputs:
@@ -337,6 +345,7 @@ class Stage0Actor:
             finally:
                 self._decoding = False
             ev.decode_end = time.perf_counter()
+            self.recorder.span("decode", decode_ns, plan)
             if pixels is None or plan.cache_epoch < self.gate.epoch:
                 self._flush(ev)
                 continue
@@ -344,6 +353,8 @@ class Stage0Actor:
                 self.sink(plan, pixels)
             ev.emitted = time.perf_counter()
             ev.outcome = "emitted"
+            self.recorder.gate(plan, "emitted")
+            self.recorder.flush()
             self._log.debug("chunk emitted", **ids_of(plan))
             if self.progress is not None:
                 self.progress(ev)
@@ -357,6 +368,7 @@ class Stage0Actor:
 
     def _flush(self, ev: ChunkEvents) -> None:
         ev.outcome = "flushed"
+        self.recorder.gate(ev, "flushed")
         self.flushed += 1
         self._progress.set()
         self._log.info("decode flushed by hard cut", chunk_index=ev.chunk_index, cache_epoch=ev.cache_epoch)
