@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nppstage demo: FAILED, exit codes by rank {codes}", file=sys.stderr)
         if result and result.get("error"):
             print(f"  rank 0: {result['error']}", file=sys.stderr)
+        flights = sorted(str(f) for f in pipe.out_dir.glob("rank*.flight.ppslog"))
+        if flights:  # each failing rank's last records (`ppstage log inspect` reads them)
+            print(f"  flight records: {' '.join(flights)}", file=sys.stderr)
         for r, c in enumerate(codes):
             if c != 0:
                 print(f"--- rank {r} (exit {c}) log tail ---\n{pipe.log_tail(r)}", file=sys.stderr)

@@ -53,23 +53,31 @@ def run(args: argparse.Namespace) -> int:
 def _inspect(run_logs) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console(highlight=False, width=140)
     for lg in run_logs.logs:
         s = lg.summary()
-        table = Table(title=str(s["file"]), show_header=False, title_justify="left")
+        table = Table(title=Text(str(s["file"])), show_header=False, title_justify="left")
         table.add_column("field", style="bold")
         table.add_column("value", overflow="fold")
         for key in ("rank", "role", "stage", "records", "tensors", "epochs", "chunks", "first", "last"):
-            table.add_row(key, str(s[key]))
-        table.add_row("duration", f"{s['duration_s']:.3f} s")
-        table.add_row("actions", ", ".join(f"{k} {v}" for k, v in s["actions"].items()) or "-")  # type: ignore[union-attr]
-        table.add_row("drops", ", ".join(f"{k} {v}" for k, v in s["drops"].items()) or "none")  # type: ignore[union-attr]
+            table.add_row(*_plain(key, str(s[key])))
+        table.add_row(*_plain("duration", f"{s['duration_s']:.3f} s"))
+        table.add_row(*_plain("actions", ", ".join(f"{k} {v}" for k, v in s["actions"].items()) or "-"))  # type: ignore[union-attr]
+        table.add_row(*_plain("drops", ", ".join(f"{k} {v}" for k, v in s["drops"].items()) or "none"))  # type: ignore[union-attr]
         for f in s["failures"]:  # type: ignore[union-attr]
-            table.add_row("failure", str(f))
-        table.add_row("status", str(s["status"]))
+            table.add_row(*_plain("failure", str(f)))
+        table.add_row(*_plain("status", str(s["status"])))
         console.print(table)
     for lg in run_logs.damaged:
         print(f"ppstage log inspect: {type(lg.error).__name__}: {lg.error} "
               f"({lg.error.record} records before it are readable)", file=sys.stderr)
     return EXIT_DAMAGED if run_logs.damaged else 0
+
+
+def _plain(*cells: object) -> list:
+    """Table cells as plain text: log contents (paths, gloo errors) are never rich markup."""
+    from rich.text import Text
+
+    return [Text(str(c)) for c in cells]

@@ -57,7 +57,7 @@ def _table(checks, title: str):
         table.add_column(col, justify="right" if col != "result" else "left")
     for c in checks:
         result = c.result if c.ok else "DEPARTS: " + ", ".join(f"{d.where} {d.field}" for d in c.departures[:3])
-        table.add_row(str(c.chunk_index), str(c.cache_epoch), str(c.call_id), str(len(c.compared)), result)
+        table.add_row(*_plain(str(c.chunk_index), str(c.cache_epoch), str(c.call_id), str(len(c.compared)), result))
     return table
 
 
@@ -158,3 +158,10 @@ def _inject(run_logs, mode: str) -> int:
         return 0 if mode != "reorder" else EXIT_MISMATCH
     print(f"EMITTED STREAM CHANGED: recorded {rep.baseline}, perturbed {rep.emitted}")
     return EXIT_MISMATCH
+
+
+def _plain(*cells: object) -> list:
+    """Table cells as plain text: log contents (paths, gloo errors) are never rich markup."""
+    from rich.text import Text
+
+    return [Text(str(c)) for c in cells]

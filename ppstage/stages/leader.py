@@ -267,6 +267,7 @@ class StageLeader:
 
     async def _relay_error(self, msg: ErrorEnvelope) -> int:
         self._log.error("terminal action received", reason=msg.reason, origin=msg.origin_rank, **ids_of(msg))
+        self.recorder.event("terminal_action", f"ERROR from rank {msg.origin_rank}: {msg.reason}")
         await self._best_effort(self._work(self.relay.publish, msg, []))
         if not self.last:
             await self._best_effort(self.transport.send(self.next_rank, msg, []))

@@ -133,6 +133,9 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, actor.on_sigterm)
         outcome = await actor.run()
+        flight = recorder.current().dump_flight(outcome.error or "") if outcome.exit_code else None
+        if flight is not None:
+            log.error("flight recorder written", path=str(flight))
         if opts.summary_out:
             payload = {
                 "exit_code": outcome.exit_code,
@@ -141,6 +144,7 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
                 "events": outcome.events,
                 "config_digest": config.digest(),
                 "gate": actor.gate.statistics(),
+                "flight_record": str(flight) if flight is not None else None,
             }
             Path(opts.summary_out).write_bytes(msgspec.json.encode(payload))
         if outcome.exit_code == 0:
