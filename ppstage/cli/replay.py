@@ -93,6 +93,9 @@ def _verify(run_logs, from_epoch: int | None, pipeline: bool, timeout: float) ->
             console.print(_table(seen, "replay --verify against the reference (stopped at the first mismatch)"))
             raise
     console.print(_table(report.checks, "replay --verify against the reference"))
+    if not report.bitwise:
+        console.print("note: tp > 1: outputs differ from the reference within 1e-4 (summation order), so "
+                      "outputs and recompute context were not compared; use --pipeline for a bitwise replay")
     n = sum(len(c.compared) for c in report.checks)
     console.print(f"ALL MATCH: {len(report.checks)} chunk(s) from epoch {report.start_epoch} "
                   f"(call {report.start_call}), {n} values compared")

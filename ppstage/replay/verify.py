@@ -14,6 +14,13 @@ the replayer rebuilds phase A's tensors and compares, field by field:
 | ``output_digest`` | rank 0's received result | digest of the reference ``latents_out`` |
 | ``generator_calls`` | the result | the reference's call count |
 
+With tensor parallelism (``tp > 1``) a stage sums partial outputs in another
+order than the reference: outputs agree within 1e-4, not bitwise, and so do
+tensors derived from them (recompute context). The reference replay then
+compares lifecycle fields, plan-derived inputs and state digests only
+(``ReplayReport.bitwise`` is False); ``--pipeline`` re-runs with the same
+mesh and compares everything bitwise.
+
 ``verify`` stops at the first mismatch (``ReplayMismatch``); ``bisect`` runs
 every chunk and names the first chunk and the ranks whose recorded state
 departs from the reference.
@@ -69,6 +76,7 @@ class ChunkCheck:
 class ReplayReport:
     start_call: int
     start_epoch: int
+    bitwise: bool = True
     checks: list[ChunkCheck] = field(default_factory=list)
 
     @property
@@ -137,7 +145,8 @@ def replay(
     }
     torch.set_num_threads(1)
     pipeline = ReferencePipeline(config, layer_ranges=config.layer_ranges())
-    report = ReplayReport(plans[first].call_id, plans[first].cache_epoch)
+    bitwise = config.topology.tp == 1
+    report = ReplayReport(plans[first].call_id, plans[first].cache_epoch, bitwise)
     _start_at(pipeline, plans[first])
     for plan in plans[first:]:
         check = ChunkCheck(plan.chunk_index, plan.cache_epoch, plan.call_id)
@@ -146,7 +155,7 @@ def replay(
             inputs = pipeline.stream.chunk_inputs(plan)
             sent = envelopes.get(plan.call_id)
             if sent is not None:
-                _compare_envelope(check, plan, sent[1], inputs, tensor_digest)
+                _compare_envelope(check, plan, sent[1], inputs, tensor_digest, bitwise)
             latents_out = pipeline.generate(plan, inputs)
         except ProtocolError as exc:  # the reference refuses the recorded plan: as wrong as it gets
             check.departures.append(Departure("reference", "lifecycle", "a plan the run applied", f"{type(exc).__name__}: {exc}"))
@@ -183,7 +192,8 @@ def replay(
             for s in result.stages:
                 same(f"stage {s.stage} report", "state_digest", s.state_digest, state)
             same("result", "generator_calls", result.observed_generator_calls, calls)
-            same("result", "output_digest", result.output_digest, out_digest)
+            if bitwise:
+                same("result", "output_digest", result.output_digest, out_digest)
             check.result = "match" if verdict in (None, "accepted") else f"match, {verdict}"
             if not check.ok:
                 check.result = "MISMATCH"
@@ -220,7 +230,8 @@ def _start_at(pipeline, plan: ChunkPlan) -> None:
         stage.lifecycle._state = before
 
 
-def _compare_envelope(check: ChunkCheck, plan: ChunkPlan, env: InferEnvelope, inputs, tensor_digest) -> None:
+def _compare_envelope(check: ChunkCheck, plan: ChunkPlan, env: InferEnvelope, inputs, tensor_digest,
+                      bitwise: bool) -> None:
     for name in ENVELOPE_FIELDS:
         recorded, replayed = getattr(env, name), getattr(plan, name)
         check.compared.append(f"envelope.{name}")
@@ -231,7 +242,7 @@ def _compare_envelope(check: ChunkCheck, plan: ChunkPlan, env: InferEnvelope, in
         "conditioning_embeds": inputs.conditioning,
         "denoising_step_list": inputs.step_list,
     }
-    if inputs.context_frames is not None:
+    if inputs.context_frames is not None and bitwise:  # built from earlier outputs
         rebuilt["context_frames_override"] = inputs.context_frames
     for spec in env.tensors:
         tensor = rebuilt.get(spec.name)
