@@ -69,23 +69,27 @@ def align_clocks(run: RunLogs) -> dict[int, int]:
     if not ranks:
         return {}
     offsets = {ranks[0]: 0}
-    frontier = [ranks[0]]
-    while frontier:
-        a = frontier.pop()
+    # Assign ranks one by one, each against every rank assigned before it, so
+    # that no pair's constraint is checked against only one neighbour.
+    while len(offsets) < len(ranks):
+        best = None
         for b in ranks:
             if b in offsets:
                 continue
-            lo = lower.get((a, b))
-            hi = -lower[(b, a)] if (b, a) in lower else None
-            if lo is None and hi is None:
-                continue
-            lo_v = lo if lo is not None else -(1 << 62)
-            hi_v = hi if hi is not None else 1 << 62
-            rel = min(max(0, lo_v), hi_v) if lo_v <= hi_v else (lo_v + hi_v) // 2
-            offsets[b] = offsets[a] + rel
-            frontier.append(b)
-    for r in ranks:  # a rank that exchanged nothing with the others keeps its own clock
-        offsets.setdefault(r, 0)
+            lows = [offsets[a] + lower[(a, b)] for a in offsets if (a, b) in lower]
+            highs = [offsets[a] - lower[(b, a)] for a in offsets if (b, a) in lower]
+            if lows or highs:
+                best = (b, max(lows, default=None), min(highs, default=None))
+                break
+        if best is None:  # ranks that exchanged nothing with the others keep their own clock
+            for r in ranks:
+                offsets.setdefault(r, 0)
+            break
+        b, lo, hi = best
+        if lo is not None and hi is not None and lo > hi:
+            offsets[b] = (lo + hi) // 2  # inconsistent (clock drift over the run): split the difference
+        else:
+            offsets[b] = min(max(0, lo if lo is not None else 0), hi if hi is not None else 1 << 62)
     return offsets
 
 
