@@ -5,9 +5,10 @@ sent, received, or published into a mesh), ``plan`` and ``gate`` (rank 0),
 ``chunk`` (a chunk boundary on a generator rank), ``span`` and ``event``.
 Each call does the least it can on the caller's thread: a timestamp, tensor
 digests (``digest`` mode; the tensor may be reused after the call returns) or
-bytes (``full``), one append to the flight ring and, when recording, one
-queue put. Encoding and file writes happen on the recorder's own writer
-thread, never on the event loop.
+bytes (``full``) and one append to the flight ring and, when recording, to a
+pending batch. ``flush`` (once per chunk, and at exit) hands the batch to the
+recorder's own writer thread, which encodes and writes it: one wake-up per
+chunk, never a file write on the event loop.
 
 The flight ring (``collections.deque(maxlen=record.flight_records)``) holds
 the last records unencoded; ``dump_flight`` writes them as a log marked
@@ -29,7 +30,7 @@ from typing import Any, Sequence
 import msgspec
 import structlog
 
-from protocol import PROTOCOL_VERSION, TensorSpec, action_of, encode_frame
+from protocol import PROTOCOL_VERSION, TensorSpec, action_of, digest_bytes, encode_frame
 from protocol.msglog import (
     ChunkRecord,
     EventRecord,
@@ -48,7 +49,6 @@ from ppstage.config import PPStageConfig
 
 log = structlog.get_logger("ppstage.replay.recorder")
 
-FLUSH = object()  # writer-thread marker: hand what is buffered to the OS
 
 
 def log_path(directory: str | Path, rank: int) -> Path:
@@ -68,16 +68,26 @@ class _Msg(msgspec.Struct, frozen=True):
     group: str
     msg: Any
     specs: tuple[TensorSpec, ...]
-    payload: tuple[bytes, ...]
+    copies: tuple[bytes | None, ...]  # tensor bytes to digest (and, full mode, keep), copied at the hook
     header: bytes | None
     meta: bytes | None
     error: str | None
+    full: bool = False
 
 
 def _materialise(item: Any) -> LogRecord:
     if not isinstance(item, _Msg):
         return item
     msg = item.msg
+    specs, payload = item.specs, ()
+    if item.copies:
+        # Digests are taken here, on the writer thread (hashlib drops the GIL), not in the hook.
+        specs = tuple(
+            s if s.digest is not None or c is None else msgspec.structs.replace(s, digest=digest_bytes(c))
+            for s, c in zip(item.specs, item.copies)
+        )
+        if item.full:
+            payload = tuple(c if c is not None else b"" for c in item.copies)
     header, meta = item.header, item.meta
     if header is None or meta is None:
         header, meta = encode_frame(msg)
@@ -92,10 +102,16 @@ def _materialise(item: Any) -> LogRecord:
         cache_epoch=msg.cache_epoch,
         header=header,
         meta=meta,
-        specs=item.specs,
-        payload=item.payload,
+        specs=specs,
+        payload=payload,
         error=item.error,
     )
+
+
+def _uint8():
+    import torch
+
+    return torch.uint8
 
 
 class MessageRecorder:
@@ -144,6 +160,7 @@ class MessageRecorder:
         )
         self._ring: deque[Any] = deque(maxlen=rec.flight_records)
         self._ring_lock = threading.Lock()
+        self._pending: list[Any] = []  # recorded since the last flush (under _ring_lock)
         self._queue: queue.SimpleQueue[Any] | None = None
         self._writer: threading.Thread | None = None
         self.path: Path | None = None
@@ -179,13 +196,13 @@ class MessageRecorder:
     ) -> None:
         """A frame at a commitment point; ``flats`` are its tensors as flat uint8 tensors, in spec order."""
         specs: tuple[TensorSpec, ...] = msg.tensors
-        payload: tuple[bytes, ...] = ()
-        if self._queue is not None and specs:
-            specs, payload = self._tensors(specs, flats)
+        copies: tuple[bytes | None, ...] = ()
+        if self._queue is not None and specs and len(flats) == len(specs):
+            copies = self._copies(specs, flats)
         self._put(
             _Msg(
                 time.monotonic_ns() if t_ns is None else t_ns,
-                direction, peer, group, msg, specs, payload, header, meta, error,
+                direction, peer, group, msg, specs, copies, header, meta, error, self.full,
             )
         )
 
@@ -250,7 +267,10 @@ class MessageRecorder:
     def flush(self) -> None:
         """Hand everything recorded so far to the OS (asynchronously, on the writer thread)."""
         if self._queue is not None:
-            self._queue.put(FLUSH)
+            with self._ring_lock:
+                batch, self._pending = self._pending, []
+            if batch:
+                self._queue.put(batch)
 
     # -- ending ---------------------------------------------------------------------
     def close(self, timeout_s: float = 5.0) -> None:
@@ -259,6 +279,7 @@ class MessageRecorder:
             return
         self._closed = True
         if self._queue is not None and self._writer is not None:
+            self.flush()
             self._queue.put(None)
             self._writer.join(timeout_s)
 
@@ -298,41 +319,43 @@ class MessageRecorder:
         self.close()
 
     # -- internals ------------------------------------------------------------------
-    def _tensors(self, specs: tuple[TensorSpec, ...], flats: Sequence[Any]) -> tuple[tuple[TensorSpec, ...], tuple[bytes, ...]]:
-        from ppstage.distributed.transport._tensors import byte_view, tensor_digest
+    def _copies(self, specs: tuple[TensorSpec, ...], flats: Sequence[Any]) -> tuple[bytes | None, ...]:
+        """The bytes of each tensor whose digest the log still needs (all of them in full mode).
 
-        if len(flats) != len(specs):
-            return specs, ()
-        out_specs = []
-        payload = []
+        A copy (a memcpy), because the caller may reuse the tensor once the
+        hook returns; hashing happens later, on the writer thread.
+        """
+        from ppstage.distributed.transport._tensors import byte_view
+
+        torch_uint8 = _uint8()
+        out: list[bytes | None] = []
         for spec, flat in zip(specs, flats):
-            if spec.digest is None:
-                spec = msgspec.structs.replace(spec, digest=tensor_digest(flat))
-            out_specs.append(spec)
-            if self.full:
+            if spec.digest is not None and not self.full:
+                out.append(None)
+                continue
+            if flat.dtype != torch_uint8 or flat.dim() != 1:  # the transport's flats already are
                 flat = byte_view(flat)
-                payload.append(bytes((flat if flat.device.type == "cpu" else flat.cpu()).numpy()))
-        return tuple(out_specs), tuple(payload)
+            out.append(bytes((flat if flat.device.type == "cpu" else flat.cpu()).numpy()))
+        return tuple(out)
 
     def _put(self, item: Any) -> None:
         with self._ring_lock:
             self._ring.append(item)
-        if self._queue is not None and not self._closed:
-            self._queue.put(item)
+            if self._queue is not None and not self._closed:
+                self._pending.append(item)
 
     def _write_loop(self, writer: LogWriter) -> None:
         try:
             while True:
-                item = self._queue.get()  # type: ignore[union-attr]
-                if item is None:
+                batch = self._queue.get()  # type: ignore[union-attr]
+                if batch is None:
                     break
-                if item is FLUSH:
-                    writer.flush()
-                    continue
-                try:
-                    writer.append_encoded(encode_record(_materialise(item)))
-                except Exception as exc:  # one bad record must not stop the log
-                    log.error("record could not be encoded", error=repr(exc))
+                for item in batch:
+                    try:
+                        writer.append_encoded(encode_record(_materialise(item)))
+                    except Exception as exc:  # one bad record must not stop the log
+                        log.error("record could not be encoded", error=repr(exc))
+                writer.flush()
         except OSError as exc:
             log.error("message log write failed", path=str(writer.path), error=str(exc))
         finally:
@@ -355,6 +378,7 @@ class _NullRecorder(MessageRecorder):
         )
         self._ring = deque(maxlen=64)
         self._ring_lock = threading.Lock()
+        self._pending = []
         self._queue = None
         self._writer = None
         self.path = None
