@@ -228,6 +228,14 @@ def test_a_killed_peer_leaves_flight_records_that_name_the_dead_channel(tmp_path
     pipe = start_pipeline(config_for("r1"), tmp_path, chunks=100000, launch_args=["--quiet"])
     try:
         _wait_for_chunks(pipe, 2)
+        pipe.procs[1].send_signal(signal.SIGUSR1)  # a dump on request, while the rank goes on
+        end = time.monotonic() + 20
+        while not (tmp_path / "rank1.flight.ppslog").exists():
+            assert time.monotonic() < end, pipe.log_tail(1)
+            time.sleep(0.05)
+        on_request = read_log(tmp_path / "rank1.flight.ppslog")
+        assert on_request.complete and on_request.records[-1].detail.startswith("SIGUSR1")
+        assert pipe.procs[1].poll() is None
         pipe.procs[2].send_signal(signal.SIGKILL)
         codes = pipe.wait(30.0, grace_s=20.0)
     finally:

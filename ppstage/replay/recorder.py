@@ -159,7 +159,7 @@ class MessageRecorder:
             tensors=rec.tensors,
         )
         self._ring: deque[Any] = deque(maxlen=rec.flight_records)
-        self._ring_lock = threading.Lock()
+        self._ring_lock = threading.RLock()  # re-entrant: a signal handler may dump mid-append
         self._pending: list[Any] = []  # recorded since the last flush (under _ring_lock)
         self._queue: queue.SimpleQueue[Any] | None = None
         self._writer: threading.Thread | None = None
@@ -377,7 +377,7 @@ class _NullRecorder(MessageRecorder):
             config_digest="", start_unix_s=0.0, t0_ns=0,
         )
         self._ring = deque(maxlen=64)
-        self._ring_lock = threading.Lock()
+        self._ring_lock = threading.RLock()  # re-entrant: a signal handler may dump mid-append
         self._pending = []
         self._queue = None
         self._writer = None

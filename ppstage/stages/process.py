@@ -206,6 +206,18 @@ def _install_recorder(config: PPStageConfig, role, opts: RankOptions) -> None:
             record_dir=opts.record_dir, flight_dir=opts.flight_dir,
         )
     )
+    log = structlog.get_logger("ppstage.replay.recorder")
+
+    def on_usr1(*_) -> None:  # a live hang: `kill -USR1 <pid>` writes the flight record, the rank goes on
+        path = recorder.current().dump_flight("SIGUSR1: dump requested")
+        log.warning("flight recorder written on request", path=str(path))
+
+    def on_hup(*_) -> None:  # the controlling terminal or agent went away: record, then end loudly
+        recorder.current().event("signal", "SIGHUP")
+        exit_process(EXIT_FAILED)
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGHUP, on_hup)
 
 
 def exit_process(code: int) -> None:
