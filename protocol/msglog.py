@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Literal, Union
 
@@ -367,14 +368,15 @@ class LogReader:
         return record
 
 
-class LogContents(msgspec.Struct, kw_only=True):
+@dataclass
+class LogContents:
     """Everything readable from one log, and the error that stopped the reader, if any."""
 
     path: str
     header: LogHeader | None
     records: list  # LogRecord | UnknownRecord, header excluded
     error: LogError | None = None
-    size: int = 0
+    size: int = 0  # bytes read and checked
 
     @property
     def complete(self) -> bool:

@@ -77,10 +77,13 @@ def _verify(run_logs, from_epoch: int | None, pipeline: bool, timeout: float) ->
         console.print(_table(report.checks, "replay --pipeline: recorded vs re-run"))
         console.print(f"ALL MATCH: {len(report.checks)} chunk(s) from epoch {report.start_epoch}")
         return 0
+    from ppstage.replay.verify import start_index
+
     plans = run_logs.stage0.plans()
+    total = len(plans) - start_index(plans, from_epoch) if plans else None
     seen = []
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("replaying chunks", total=len(plans))
+        task = bar.add_task("replaying chunks", total=total)
 
         def step(check) -> None:
             seen.append(check)
