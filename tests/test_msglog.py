@@ -250,3 +250,44 @@ def test_the_recorder_writes_a_log_and_a_flight_dump(tmp_path, tensors):
     assert dump.complete and dump.header.flight
     assert len(dump.records) == 4  # the ring's last 3 records + the dump's own event
     assert dump.records[-1].name == "flight_dump" and dump.records[-1].detail == "test failure"
+
+
+# -- the log schema is frozen like the wire schema -------------------------------------------------
+LOG_SNAPSHOT = __import__("pathlib").Path(__file__).parent / "snapshots" / "log_schema.json"
+
+
+def _log_contract() -> dict:
+    import json
+
+    from protocol.msglog import LOG_FORMAT_VERSION, RECORD_TYPES
+
+    _, components = msgspec.json.schema_components(RECORD_TYPES)
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "description"}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return {"format_version": LOG_FORMAT_VERSION,
+            "types": json.loads(json.dumps(strip({k: components[k] for k in sorted(components)})))}
+
+
+def test_log_schema_matches_snapshot():
+    """A change to the record types is deliberate: regenerate with PPSTAGE_UPDATE_SNAPSHOT=1 after
+    checking docs/protocol.md's log version policy (append fields with defaults, new kinds only)."""
+    import json
+    import os
+
+    current = _log_contract()
+    if os.environ.get("PPSTAGE_UPDATE_SNAPSHOT") == "1":
+        LOG_SNAPSHOT.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    assert json.loads(LOG_SNAPSHOT.read_text()) == current
+
+
+def test_flight_records_must_be_positive():
+    from ppstage.config import ConfigError, PPStageConfig
+
+    with pytest.raises(ConfigError, match="flight_records"):
+        PPStageConfig().with_overrides({"record.flight_records": 0})
