@@ -234,12 +234,13 @@ class LogWriter:
 
     ``append`` buffers in memory; ``flush`` hands the buffer to the OS with one
     ``write`` (a process killed afterwards loses nothing; only a power cut
-    could). The file is created new: a log is never appended to across runs.
+    could). The file is created new, replacing a previous run's log of the
+    same name: a log is never appended to across runs.
     """
 
     def __init__(self, path: str | Path, header: LogHeader) -> None:
         self.path = Path(path)
-        self._file: BinaryIO = open(self.path, "xb", buffering=0)
+        self._file: BinaryIO = open(self.path, "wb", buffering=0)
         self._pending: list[bytes] = [MAGIC, encode_record(header)]
         self.records = 1
         self.bytes_written = 0
