@@ -9,8 +9,10 @@ Two figures, measured in one run:
 * **hook cost**: the messages one recorded run logged are fed again through a
   fresh ``MessageRecorder`` in this process, hook by hook (digests of tensors
   of the recorded sizes included, encoding and writing on its thread as in a
-  rank); the busiest rank's hook time per chunk is divided by the median
-  chunk time of the same run. This isolates the recorder from noise.
+  rank); the busiest rank's hook time per chunk (best of ``REPEATS``) is
+  divided by the median chunk time of the same run. This isolates the
+  recorder from noise. The writer thread's encoding and hashing (off the
+  hot path, about 0.2 ms per chunk here) is not in this figure.
 
 Target: < 3 % of chunk time (issue 8). Printed, never asserted.
 """
@@ -21,6 +23,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+
+REPEATS = 5
 
 
 def _run(config, out: Path, chunks: int, record: bool) -> dict:
@@ -43,6 +48,7 @@ def _run(config, out: Path, chunks: int, record: bool) -> dict:
 
 def hook_cost_per_chunk(rec_dir: Path, config) -> tuple[float, int]:
     """Seconds of recorder hook time per chunk on the busiest rank, replaying its recorded messages."""
+    import msgspec
     import torch
 
     from protocol import decode_frame
@@ -57,15 +63,20 @@ def hook_cost_per_chunk(rec_dir: Path, config) -> tuple[float, int]:
         n_chunks = max(1, len({r.chunk_index for r in lg.records if isinstance(r, ChunkRecord)}) or len(lg.plans()))
         with tempfile.TemporaryDirectory() as tmp:
             rec = MessageRecorder(config, rank=lg.rank, role=lg.role, stage=0, world_size=1, record_dir=tmp)
-            # Recorded specs carry digests; the live hook sees the specs as sent (hops have none).
-            stripped = [m.__class__(**{**{f: getattr(m, f) for f in m.__struct_fields__},
-                                       "tensors": tuple(s.__class__(name=s.name, dtype=s.dtype, shape=s.shape,
-                                                                    nbytes=s.nbytes) for s in m.tensors)})
-                        for _, m in msgs]
-            t0 = time.perf_counter()
-            for (r, _), m, f in zip(msgs, stripped, flats):
-                rec.message(r.direction, r.peer, r.group, m, f, header=r.header, meta=r.meta)
-            elapsed = time.perf_counter() - t0
+            # Recorded specs carry digests the recorder filled in; live, only hops arrive without
+            # them (envelopes and results carry their sender's), so only hops are stripped here.
+            stripped = [
+                msgspec.structs.replace(m, tensors=tuple(msgspec.structs.replace(s, digest=None) for s in m.tensors))
+                if r.action == "HOP" else m
+                for r, m in msgs
+            ]
+            elapsed = float("inf")
+            for _ in range(REPEATS):  # the best of a few: the first pays for imports and warm-up
+                t0 = time.perf_counter()
+                for (r, _), m, f in zip(msgs, stripped, flats):
+                    rec.message(r.direction, r.peer, r.group, m, f, header=r.header, meta=r.meta)
+                rec.flush()
+                elapsed = min(elapsed, time.perf_counter() - t0)
             rec.close()
         per_chunk = elapsed / n_chunks
         if per_chunk > worst:
