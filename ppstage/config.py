@@ -281,6 +281,19 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     status_window_chunks: Annotated[int, msgspec.Meta(ge=2, le=4096)] = 32
 
 
+class RecordConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Message logs (docs/replay.md). ``dir`` set: every rank writes ``dir/rank<r>.ppslog``.
+
+    ``tensors``: ``"digest"`` logs tensor digests only, ``"full"`` their bytes too.
+    ``flight_records``: how many recent records each rank keeps in memory (always
+    on) and writes out when it fails.
+    """
+
+    dir: str | None = None
+    tensors: Literal["full", "digest"] = "digest"
+    flight_records: Annotated[int, Meta(ge=1, le=1 << 20)] = 256
+
+
 class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
@@ -289,6 +302,7 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     topology: TopologyConfig = msgspec.field(default_factory=TopologyConfig)
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
     service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
+    record: RecordConfig = msgspec.field(default_factory=RecordConfig)
 
     def __post_init__(self) -> None:
         if self.recompute.context_frames > self.cache.max_context_frames:

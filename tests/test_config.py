@@ -133,6 +133,7 @@ def test_config_error_is_a_ppstage_error():
 
 # Every bounded key, with a value just outside its bound and the message that names it.
 OUT_OF_BOUNDS = {
+    "record.flight_records": (0, "must be >= 1, got 0"),
     "service.port": (70000, "must be <= 65535, got 70000"),
     "service.max_body_bytes": (10, "must be >= 64, got 10"),
     "service.max_viewers": (0, "must be >= 1, got 0"),
@@ -352,6 +353,9 @@ ALTERNATIVE = {
     "service.viewer_send_timeout_s": 2.0,
     "service.jpeg_quality": 70,
     "service.status_window_chunks": 8,
+    "record.dir": "logs",
+    "record.tensors": "full",
+    "record.flight_records": 16,
 }
 
 

@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the reference comparison (writes no latents)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="rank log level (debug: every commitment point); logs go to OUT/rank<r>.log")
+    p.add_argument("--record", default=None, metavar="DIR",
+                   help="every rank writes its message log to DIR/rank<r>.ppslog (docs/replay.md)")
     p.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="stop the run (kill every rank) after this long; default: no limit")
     p.add_argument("--quiet", action="store_true", help="no per-chunk progress (lines or live bar)")
@@ -87,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         launch_args += ["--cut-at", str(k)]
     for v in args.prompt_at:
         launch_args += ["--prompt-at", v]
+    if args.record:
+        launch_args += ["--record", args.record]
     # Latents go to disk only for the tensor-parallel tolerance check; tp == 1 compares digests.
     write_latents = not args.no_check and t.tp > 1
     pipe = start_pipeline(cfg, out, chunks=args.chunks, launch_args=launch_args,
@@ -127,6 +131,9 @@ def _report_failure(pipe, codes: list[int | None], result: dict | None, timeout:
         print(f"\nppstage demo: FAILED, exit codes by rank {codes}", file=err)
     if result and result.get("error"):
         print(f"  rank 0: {result['error']}", file=err)
+    flights = sorted(str(f) for f in pipe.out_dir.glob("rank*.flight.ppslog"))
+    if flights:  # each failing rank's last records (`ppstage log inspect` reads them)
+        print(f"  flight records: {' '.join(flights)}", file=err)
     for r, c in enumerate(codes):
         if c != 0 or pipe.timed_out:
             state = "killed at the timeout" if c is None and pipe.timed_out else f"exit {c}"

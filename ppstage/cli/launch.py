@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="debug logs every commitment point (send, receive, mesh publish)")
     p.add_argument("--quiet", action="store_true", help="no per-chunk progress lines")
+    p.add_argument("--record", default=None, metavar="DIR",
+                   help="write this rank's message log to DIR/rank<r>.ppslog (docs/replay.md)")
+    p.add_argument("--flight-dir", default=None, metavar="DIR",
+                   help="where a failing rank writes its flight recorder (default: the record dir, else .)")
 
 
 def script_from_args(args: argparse.Namespace):
@@ -87,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         json_logs=args.json_logs,
         log_level=args.log_level,
         progress=not args.quiet,
+        record_dir=args.record,
+        flight_dir=args.flight_dir,
     )
     exit_process(run_rank(config, opts))
     return 0  # not reached

@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="local mode: directory for the ranks' logs (default: a temp dir)")
     p.add_argument("--summary-out", default=None, help="rank 0 writes its run summary (JSON) here at exit")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--record", default=None, metavar="DIR",
+                   help="every rank writes its message log to DIR/rank<r>.ppslog (docs/replay.md)")
+    p.add_argument("--flight-dir", default=None, metavar="DIR",
+                   help="where a failing rank writes its flight recorder (default: the record dir, else .)")
 
 
 def is_loopback(host: str) -> bool:
@@ -128,6 +132,8 @@ def _run_rank(config, options, args: argparse.Namespace) -> int:
         service=options if rank == 0 else None,
         # A forced start is a rank-local flag that changes what runs: all ranks must agree.
         parity_extra={"serve.force_unvalidated": str(bool(args.force_unvalidated))},
+        record_dir=args.record,
+        flight_dir=args.flight_dir,
     )
     exit_process(run_rank(config, opts))
     return 0  # not reached
@@ -145,6 +151,8 @@ def _run_local(config, options, args: argparse.Namespace) -> int:
         child_args.append("--force-unvalidated")
     if args.token_file:
         child_args += ["--token-file", os.path.abspath(args.token_file)]
+    if args.record:
+        child_args += ["--record", os.path.abspath(args.record)]
     pipe = start_pipeline(config, out, chunks=None, launch_args=child_args, command="serve")
     print(f"ppstage serve: http://{options.host}:{options.port}/  rank 0 + {t.stages} stage(s) x tp {t.tp} "
           f"= {t.world_size} processes, mode {config.recompute.mode}, logs in {out}", flush=True)

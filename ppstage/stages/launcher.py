@@ -179,7 +179,7 @@ def start_pipeline(
                 "OMP_NUM_THREADS": "1",
                 **(env_overrides or {}).get(rank, {}),
             }
-            cmd = [sys.executable, "-m", "ppstage.cli", command, "--config", str(cfg_path), *launch_args]
+            cmd = [sys.executable, "-m", "ppstage.cli", command, "--config", str(cfg_path), "--flight-dir", str(out), *launch_args]
             if chunks is not None:
                 cmd += ["--chunks", str(chunks)]
             if rank == 0:

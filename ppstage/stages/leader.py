@@ -93,6 +93,7 @@ class StageLeader:
         self._idle_s = config.runtime.stage_idle_deadline_s
         self._drain_by: float | None = None
         self.fault = fault_from_env()
+        self.recorder = transport.recorder
         self._log = log.bind(rank=role.rank, stage=role.stage, group=f"mesh{role.stage}")
 
     # -- lifecycle of the actor --------------------------------------------
@@ -155,6 +156,7 @@ class StageLeader:
     # -- one chunk -----------------------------------------------------------
     async def _chunk(self, env: InferEnvelope, tensors: dict[str, torch.Tensor]) -> None:
         t0 = time.perf_counter()
+        t0_ns = time.monotonic_ns()
         ordered = [tensors[s.name] for s in env.tensors]
         if not self.last:
             await self.transport.send(self.next_rank, env, ordered)
@@ -216,6 +218,7 @@ class StageLeader:
                 if self.role.handback_dst is not None:
                     msg = hop(env, call_kind="denoise", step=i + 1, target="latent", tensor=x_next)
                     await self.transport.send(self.role.handback_dst, msg, [x_next])
+        self.recorder.span("chunk", t0_ns, env)
         if self.fault is not None and self.fault.fires("reset_cache_one_rank", env.chunk_index):
             await self._work(out_of_band_reset, self.model)  # B6: the next chunk must report it
 
@@ -238,6 +241,7 @@ class StageLeader:
 
     def _end(self, env: InferEnvelope, last_output: torch.Tensor):
         state = self.model.end_chunk()
+        self.recorder.chunk(env, self.role.stage, state, self.model.state_digest(), tensor_digest(last_output))
         if self.relay.active:
             self.relay.check_digests(self.model.state_digest(), tensor_digest(last_output), env.id)
         return state
@@ -289,6 +293,7 @@ class StageLeader:
 
     async def _relay_error(self, msg: ErrorEnvelope) -> int:
         self._log.error("terminal action received", reason=msg.reason, origin=msg.origin_rank, **ids_of(msg))
+        self.recorder.event("terminal_action", f"ERROR from rank {msg.origin_rank}: {msg.reason}")
         await self._best_effort(self._work(self.relay.publish, msg, []))
         if not self.last:
             await self._best_effort(self.transport.send(self.next_rank, msg, []))
@@ -304,6 +309,7 @@ class StageLeader:
         chunk = exc.chunk or ChunkId.find(current) or ChunkId(0, 0, 0)
         reason = f"stage {self.role.stage} (rank {self.role.rank}): {type(exc).__name__}: {exc}"
         self._log.error("stage failed", reason=reason, **chunk.fields())
+        self.recorder.event("failure", reason)
         if isinstance(exc, ChannelDead):
             return 1  # the link is gone or half-framed: never send on it again
         err = ErrorEnvelope(reason=reason, origin_rank=self.role.rank, **chunk.fields())
@@ -348,7 +354,8 @@ class MeshFollower:
                     t = RECOMPUTE_TIMESTEP if msg.call_kind == "recompute" else float(steps[msg.step])
                     y = self.model.run_call(msg.call_kind, t, next(iter(tensors.values())))
                     if self.model.lifecycle.state.calls_made == env.expected_generator_calls:
-                        self.model.end_chunk()
+                        state = self.model.end_chunk()
+                        self.relay.recorder.chunk(env, self.role.stage, state, self.model.state_digest(), tensor_digest(y))
                         self.relay.check_digests(self.model.state_digest(), tensor_digest(y), env.id)
                         if self.fault is not None and self.fault.fires("reset_cache_one_rank", env.chunk_index):
                             out_of_band_reset(self.model)  # B6
@@ -360,6 +367,7 @@ class MeshFollower:
                     return 1
         except (ProtocolError, PPStageError) as exc:
             self._log.error("mesh follower failed", reason=str(exc), error=type(exc).__name__)
+            self.relay.recorder.event("failure", f"{type(exc).__name__}: {exc}")
             return 1
         except Exception as exc:  # a collective failing because a mesh peer died
             self._log.error("mesh follower failed", reason=str(exc).splitlines()[0], error=type(exc).__name__)

@@ -13,6 +13,8 @@ order is the same on every mesh rank).
 
 from __future__ import annotations
 
+import time
+
 import structlog
 import torch
 
@@ -30,6 +32,7 @@ from protocol import (
 from ppstage.errors import StateDivergence
 from ppstage.distributed.topology import MeshComm
 from ppstage.distributed.transport import prepare_tensors, rebuild
+from ppstage.observability.recorder import current as current_recorder
 
 
 class MeshRelay:
@@ -47,6 +50,8 @@ class MeshRelay:
         self._header = torch.empty(HEADER_SIZE, dtype=torch.uint8)
         self._meta = torch.empty(MAX_META_BYTES, dtype=torch.uint8)
         self._digest = torch.empty(32, dtype=torch.uint8)
+        self.recorder = current_recorder()  # message log + flight recorder of this process
+        self._group_name = f"mesh{comm.stage}"
 
     @property
     def active(self) -> bool:
@@ -58,6 +63,7 @@ class MeshRelay:
         chunk = msg.id
         _, flats = prepare_tensors(msg.tensors, tensors, torch.device("cpu"), fill_digests=False, chunk=chunk)
         head, meta = encode_frame(msg)
+        t_ns = time.monotonic_ns()
         self._header.copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
         self.comm.broadcast(self._header, self.leader_rank)
         view = self._meta[: len(meta)]
@@ -66,6 +72,7 @@ class MeshRelay:
         for flat in flats:
             self.comm.broadcast(flat, self.leader_rank)
         self._log.debug("mesh.published", action=action_of(msg), **chunk.fields())
+        self.recorder.message("publish", -1, self._group_name, msg, flats, header=head, meta=meta, t_ns=t_ns)
 
     def receive(self) -> tuple[WireMessage, dict[str, torch.Tensor]]:
         self.comm.broadcast(self._header, self.leader_rank)
@@ -75,10 +82,13 @@ class MeshRelay:
         self.comm.broadcast(view, self.leader_rank)
         msg = decode_metadata(header, head, bytes(view.numpy()))
         tensors: dict[str, torch.Tensor] = {}
+        flats = []
         for spec in msg.tensors:
             flat = torch.empty(spec.nbytes, dtype=torch.uint8)
             self.comm.broadcast(flat, self.leader_rank)
             tensors[spec.name] = rebuild(spec, flat)
+            flats.append(flat)
+        self.recorder.message("recv", self.leader_rank, self._group_name, msg, flats, header=head, meta=bytes(view.numpy()))
         return msg, tensors
 
     def check_digests(self, state_digest: str, output_digest: str, chunk: ChunkId) -> None:

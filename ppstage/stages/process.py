@@ -28,6 +28,7 @@ from ppstage.observability import logs
 from ppstage.config import PPStageConfig
 from ppstage.errors import ParityError, WatchdogExpired
 from ppstage.model.reference import StreamScript
+from ppstage.observability import recorder
 from ppstage.service.options import ServiceOptions
 
 EXIT_FAILED, EXIT_PARITY = 1, 2  # 0 after an orderly SHUTDOWN
@@ -52,6 +53,8 @@ class RankOptions(msgspec.Struct, frozen=True, kw_only=True):
     progress: bool = True
     service: ServiceOptions | None = None  # rank 0 serves the HTTP API (``ppstage serve``)
     parity_extra: dict[str, str] = msgspec.field(default_factory=dict)
+    record_dir: str | None = None  # message log: DIR/rank<r>.ppslog (overrides record.dir)
+    flight_dir: str | None = None  # flight-recorder dump on failure (default: record dir, else cwd)
 
 
 def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
@@ -77,6 +80,7 @@ def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
         print(f"rank {opts.rank}: {exc}", file=sys.stderr)
         return EXIT_PARITY
     groups = build_groups(config, opts.rank)
+    _install_recorder(config, role, opts)
     log.info("started", world_size=opts.world_size, layers=role.layer_range, tp_rank=role.tp_rank)
 
     if role.stage > 0 and not role.is_leader:
@@ -122,7 +126,7 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
 
     transport = Transport(
         config, role, groups, loop=loop, geometry=config.wire_geometry(),
-        on_fatal=on_fatal, on_terminal=on_terminal,
+        on_fatal=on_fatal, on_terminal=on_terminal, recorder=recorder.current(),
     )
     if role.stage == 0:
         progress = _print_progress if opts.progress else None
@@ -154,6 +158,9 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
         finally:
             if service is not None:
                 await service.stop()
+        flight = recorder.current().dump_flight(outcome.error or "") if outcome.exit_code else None
+        if flight is not None:
+            log.error("flight recorder written", path=str(flight))
         if opts.summary_out:
             payload = {
                 "exit_code": outcome.exit_code,
@@ -162,6 +169,7 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
                 "events": outcome.events,
                 "config_digest": config.digest(),
                 "gate": actor.gate.statistics(),
+                "flight_record": str(flight) if flight is not None else None,
             }
             Path(opts.summary_out).write_bytes(msgspec.json.encode(payload))
         if outcome.exit_code == 0:
@@ -214,8 +222,36 @@ def _print_progress(ev) -> None:
     )
 
 
+def _install_recorder(config: PPStageConfig, role, opts: RankOptions) -> None:
+    """This rank's message log (if recording) and flight recorder (always)."""
+    kind = "stage0" if role.stage == 0 else "leader" if role.is_leader else "follower"
+    recorder.install(
+        recorder.MessageRecorder(
+            config, rank=opts.rank, role=kind, stage=role.stage, world_size=opts.world_size,
+            record_dir=opts.record_dir, flight_dir=opts.flight_dir,
+        )
+    )
+    log = structlog.get_logger("ppstage.observability.recorder")
+
+    def on_usr1(*_) -> None:  # a live hang: `kill -USR1 <pid>` writes the flight record, the rank goes on
+        path = recorder.current().dump_flight("SIGUSR1: dump requested")
+        log.warning("flight recorder written on request", path=str(path))
+
+    def on_hup(*_) -> None:  # the controlling terminal or agent went away: record, then end loudly
+        recorder.current().event("signal", "SIGHUP")
+        exit_process(EXIT_FAILED)
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGHUP, on_hup)
+
+
 def exit_process(code: int) -> None:
-    """End the process now (see the module docstring for why not ``sys.exit``)."""
+    """End the process now (see the module docstring for why not ``sys.exit``).
+
+    The message log is flushed and closed first; a failing rank also writes
+    its flight recorder (``ppstage.observability.recorder.finish``).
+    """
+    recorder.finish(code)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -106,6 +106,7 @@ class Stage0Actor:
         self.latents_dir = latents_dir
         self.pause_before = pause_before or {}
         self.fault = fault_from_env()
+        self.recorder = transport.recorder
         self.planner = Planner(config)
         self.gate = EpochGate()
         self.stream = StreamInputs(config)
@@ -202,10 +203,12 @@ class Stage0Actor:
         except (ProtocolError, PPStageError) as exc:
             code, error = 1, f"{type(exc).__name__}: {exc}"
             self._log.error("pipeline failed", reason=error)
+            self.recorder.event("failure", error)
             await self._send_error(error)
         except Exception as exc:  # a bug or a torch error: still end the chain loudly
             code, error = 1, f"{type(exc).__name__}: {exc}"
             self._log.exception("stage 0 failed")
+            self.recorder.event("failure", error)
             await self._send_error(error)
         finally:
             for t in [producer, *tasks]:
@@ -259,10 +262,12 @@ class Stage0Actor:
             await self._wait(lambda: self._inputs_ready(plan))
             ev = self.ledger.open(plan.chunk_index, plan.call_id, plan.cache_epoch)
             ev.build_start = time.perf_counter()
+            build_ns = time.monotonic_ns()
             inputs = self.stream.chunk_inputs(plan)
             env, tensors = infer_envelope(plan, inputs)
             env = self._inject(env, tensors)
             ev.build_end = time.perf_counter()
+            self.recorder.span("build", build_ns, plan)
             if not self.gate.in_flight():
                 self._owed_since = time.monotonic()  # a result is owed from now on
             self._expect(plan)
@@ -298,6 +303,7 @@ class Stage0Actor:
             self.shadow.record_call("recompute" if plan.do_kv_recompute and i == 0 else "denoise")
         self.shadow.end_chunk()
         self.expected_digest[plan.call_id] = self.shadow.digest()
+        self.recorder.plan(plan, self.expected_digest[plan.call_id])
 
     # -- phase C: gate, decode, emit -----------------------------------------------
     async def _receive(self) -> None:
@@ -312,6 +318,7 @@ class Stage0Actor:
                 raise UnexpectedMessage(f"unexpected {action_of(msg)} on the result link", chunk=msg.id)
             latents = item.tensors.get("latents_out")
             verdict = self.gate.admit(msg)
+            self.recorder.gate(msg, verdict.reason)
             ev = self.ledger.get(msg.chunk_index)
             if not verdict.accepted:
                 self._log.info("result dropped", reason=verdict.reason, **ids_of(msg))
@@ -387,6 +394,7 @@ class Stage0Actor:
                 continue
             self._decoding = True
             ev.decode_start = time.perf_counter()
+            decode_ns = time.monotonic_ns()
             try:
                 pixels = await loop.run_in_executor(self._decoder, self._decode_one, plan, latents, cost_s)
             except StaleInputs:
@@ -394,6 +402,7 @@ class Stage0Actor:
             finally:
                 self._decoding = False
             ev.decode_end = time.perf_counter()
+            self.recorder.span("decode", decode_ns, plan)
             if pixels is None or self.gate.is_stale(plan.cache_epoch):
                 self._flush(ev)
                 continue
@@ -401,6 +410,8 @@ class Stage0Actor:
                 self.sink(plan, pixels)
             ev.emitted = time.perf_counter()
             self.ledger.finish(ev, "emitted")
+            self.recorder.gate(plan, "emitted")
+            self.recorder.flush()
             self._log.debug("chunk emitted", **ids_of(plan))
             if self.progress is not None:
                 self.progress(ev)
@@ -424,6 +435,7 @@ class Stage0Actor:
 
     def _flush(self, ev: ChunkEvents) -> None:
         self.ledger.finish(ev, "flushed")
+        self.recorder.gate(ev, "flushed")
         self.flushed += 1
         self._progress.set()
         self._log.info("decode flushed by hard cut", **ids_of(ev))

@@ -40,6 +40,7 @@ from ppstage.config import PPStageConfig
 from ppstage.errors import ChannelDead
 from ppstage.distributed.topology import ProcessGroups, Role
 from ppstage.distributed.transport._tensors import make_spec, prepare_tensors, rebuild
+from ppstage.observability.recorder import current as current_recorder
 
 # After either of these goes out or comes in, the stream is ending by protocol:
 # peers are about to exit, so an idle link closing is expected, not fatal.
@@ -142,6 +143,7 @@ class Transport:
         geometry: WireGeometry | None = None,
         on_fatal: Callable[[ChunkError], Any],
         on_terminal: Callable[[WireMessage], Any] | None = None,
+        recorder: Any = None,
     ) -> None:
         self.config = config
         self.role = role
@@ -151,6 +153,8 @@ class Transport:
         self._loop = loop
         self._on_fatal = on_fatal
         self._on_terminal = on_terminal
+        # Message log + flight recorder (ppstage.observability.recorder): one call per commitment point.
+        self.recorder = recorder if recorder is not None else current_recorder()
         self._frame_timeout = timedelta(seconds=config.runtime.pg_timeout_s)
         self._outbox: queue.SimpleQueue[_Outgoing | None] = queue.SimpleQueue()
         self._inbound: dict[int, asyncio.Queue[Inbound]] = {}
@@ -283,6 +287,7 @@ class Transport:
             # Set before the first byte: the peer may exit as soon as it has it.
             self._ending = True
         header_sent = False
+        t_ns = time.monotonic_ns()
         try:
             dist.send(item.header, dst=item.dst, group=item.group)
             header_sent = True
@@ -294,10 +299,12 @@ class Transport:
             self._dead.add(item.dst)
             where = "after the header (the channel is half-framed)" if header_sent else "on the header"
             err = ChannelDead(f"{action} to rank {item.dst} failed {where}: {exc}", chunk=chunk)
+            self.recorder.message("send", item.dst, _link_name(self.role.rank, item.dst), item.msg, error=str(err), t_ns=t_ns)
             self._settle(item.future, err)
             self._fatal(err)
             return
         self._log.debug("transport.sent", dst=item.dst, action=action, **chunk.fields())
+        self.recorder.message("send", item.dst, _link_name(self.role.rank, item.dst), item.msg, item.payload, t_ns=t_ns)
         self._settle(item.future, None)
 
     # -- receiver threads ----------------------------------------------------------
@@ -321,7 +328,8 @@ class Transport:
                 meta_view = meta_buf[: header.meta_len]
                 meta_view.zero_()
                 self._recv(meta_view, src, group, self._frame_timeout)
-                msg = decode_metadata(header, head, _host_bytes(meta_view))
+                meta = _host_bytes(meta_view)
+                msg = decode_metadata(header, head, meta)
                 flats: list[torch.Tensor] = []
                 for spec in msg.tensors:
                     waiting_for = f"tensor {spec.name!r}"
@@ -329,7 +337,8 @@ class Transport:
                     if spec.nbytes:
                         self._recv(flat, src, group, self._frame_timeout)
                     flats.append(flat)
-                received_at = time.monotonic()
+                received_ns = time.monotonic_ns()
+                received_at = received_ns / 1e9
             except _LinkFailure as failure:
                 if waiting_for == "a header" and (self._closed or self._ending):
                     # The stream is ending and the peer left between frames: expected.
@@ -357,6 +366,10 @@ class Transport:
                     self._call_soon(self._on_terminal, msg)
             self._log.debug(
                 "transport.received", src=src, action=action, invalid=error is not None, **msg.id.fields()
+            )
+            self.recorder.message(
+                "recv", src, _link_name(src, self.role.rank), msg, flats, header=head, meta=meta,
+                error=None if error is None else str(error), t_ns=received_ns,
             )
             if not self._call_soon(inbox.put_nowait, Inbound(msg, tensors, error, received_at)):
                 return
@@ -392,6 +405,7 @@ class Transport:
 
     def _fatal(self, exc: ChunkError) -> None:
         self._log.error("transport.fatal", error=str(exc), kind=type(exc).__name__)
+        self.recorder.event("channel_failed", f"{type(exc).__name__}: {exc}")
         self._call_soon(self._on_fatal, exc)
 
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> bool:
@@ -400,6 +414,10 @@ class Transport:
         except RuntimeError:  # the loop is closed: the process is exiting
             return False
         return True
+
+
+def _link_name(src: int, dst: int) -> str:
+    return f"link{src}>{dst}"
 
 
 def _host_array(t: torch.Tensor):

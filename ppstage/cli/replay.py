@@ -1,0 +1,173 @@
+"""``ppstage replay``: re-run recorded message logs and say where they first went wrong."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = ("replay message logs: --verify (default) against the reference or a fresh pipeline, "
+        "--bisect a divergence, --inject duplicate|delay|reorder|stale into the epoch gate")
+
+EXIT_MISMATCH, EXIT_UNUSABLE = 1, 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("logs", nargs="+", metavar="LOG", help="the run's rank<r>.ppslog files, or their directory")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--verify", action="store_true", help="compare every digest with a replay (the default)")
+    what.add_argument("--bisect", action="store_true", help="name the first chunk and rank whose state departs")
+    what.add_argument("--inject", choices=("duplicate", "delay", "reorder", "stale"),
+                      help="re-feed rank 0's result stream into the epoch gate with this perturbation")
+    p.add_argument("--from-epoch", type=int, default=None, metavar="E",
+                   help="start at epoch E's init_cache chunk (default: the first epoch boundary)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="verify with a fresh local gloo pipeline instead of the reference")
+    p.add_argument("--timeout", type=float, default=300.0, help="--pipeline: give up after this many seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    from protocol.msglog import LogError
+
+    from ppstage.replay.errors import ReplayError, ReplayMismatch
+    from ppstage.replay.runlog import RunLogs
+
+    try:
+        run_logs = RunLogs.load(args.logs)
+        for lg in run_logs.damaged:  # replay what is readable; say what is not
+            print(f"warning: {lg.error} (replaying the {len(lg.records)} records before it)", file=sys.stderr)
+        if args.inject:
+            return _inject(run_logs, args.inject)
+        if args.bisect:
+            return _bisect(run_logs, args.from_epoch)
+        return _verify(run_logs, args.from_epoch, args.pipeline, args.timeout)
+    except ReplayMismatch as exc:
+        print(f"\nMISMATCH at chunk {exc.chunk_index} (epoch {exc.cache_epoch}), {exc.where}, field "
+              f"{exc.field}: recorded {exc.recorded}, replay gives {exc.replayed}", file=sys.stderr)
+        return EXIT_MISMATCH
+    except (ReplayError, LogError, OSError) as exc:
+        print(f"ppstage replay: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+
+
+def _table(checks, title: str):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("chunk", "epoch", "call", "compared", "result"):
+        table.add_column(col, justify="right" if col != "result" else "left")
+    for c in checks:
+        result = c.result if c.ok else "DEPARTS: " + ", ".join(f"{d.where} {d.field}" for d in c.departures[:3])
+        table.add_row(*_plain(str(c.chunk_index), str(c.cache_epoch), str(c.call_id), str(len(c.compared)), result))
+    return table
+
+
+def _verify(run_logs, from_epoch: int | None, pipeline: bool, timeout: float) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from ppstage.replay.errors import ReplayMismatch
+    from ppstage.replay.verify import replay
+
+    console = Console(highlight=False, stderr=False)
+    if pipeline:
+        from ppstage.replay.pipeline import replay_pipeline
+
+        console.print("replaying through a fresh local gloo pipeline ...")
+        report = replay_pipeline(run_logs, from_epoch=from_epoch, timeout_s=timeout)
+        console.print(_table(report.checks, "replay --pipeline: recorded vs re-run"))
+        console.print(f"ALL MATCH: {len(report.checks)} chunk(s) from epoch {report.start_epoch}")
+        return 0
+    from ppstage.replay.verify import start_index
+
+    plans = run_logs.stage0.plans()
+    total = len(plans) - start_index(plans, from_epoch) if plans else None
+    seen = []
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("replaying chunks", total=total)
+
+        def step(check) -> None:
+            seen.append(check)
+            bar.advance(task)
+
+        try:
+            report = replay(run_logs, from_epoch=from_epoch, progress=step)
+        except ReplayMismatch:
+            bar.stop()
+            console.print(_table(seen, "replay --verify against the reference (stopped at the first mismatch)"))
+            raise
+    console.print(_table(report.checks, "replay --verify against the reference"))
+    if not report.bitwise:
+        console.print("note: tp > 1: outputs differ from the reference within 1e-4 (summation order), so "
+                      "outputs and recompute context were not compared; use --pipeline for a bitwise replay")
+    n = sum(len(c.compared) for c in report.checks)
+    console.print(f"ALL MATCH: {len(report.checks)} chunk(s) from epoch {report.start_epoch} "
+                  f"(call {report.start_call}), {n} values compared")
+    return 0
+
+
+def _bisect(run_logs, from_epoch: int | None) -> int:
+    from rich.console import Console
+
+    from ppstage.replay.verify import bisect
+
+    console = Console(highlight=False)
+    report = bisect(run_logs, from_epoch=from_epoch)
+    console.print(_table(report.checks, "replay --bisect against the reference"))
+    found = report.first_departure()
+    if found is None:
+        console.print(f"no divergence: every recorded state and output digest matches the reference "
+                      f"({len(report.checks)} chunks)")
+        return 0
+    check, cause = found
+    state = [d for d in check.departures if d.field == "state_digest" and d.where.startswith("rank")]
+    agree = sorted({w for c in [check] for w in _ranks_compared(run_logs, check)} - {d.where for d in state})
+    console.print(f"first divergence: chunk {check.chunk_index} (epoch {check.cache_epoch}, call {check.call_id})")
+    console.print(f"  departs:  {cause.where}: {cause.field} recorded {cause.recorded[:16]}, "
+                  f"reference {cause.replayed[:16]}")
+    for d in check.departures:
+        if d is not cause:
+            console.print(f"  also:     {d.where}: {d.field}")
+    if agree:
+        console.print(f"  agree:    {', '.join(agree)}")
+    return EXIT_MISMATCH
+
+
+def _ranks_compared(run_logs, check) -> list[str]:
+    out = ["rank 0 (shadow lifecycle)"]
+    for lg in run_logs.by_rank().values():
+        for c in lg.chunks:
+            if c.call_id == check.call_id:
+                out.append(f"rank {lg.rank} (stage {c.stage})")
+                break
+    return out
+
+
+def _inject(run_logs, mode: str) -> int:
+    from ppstage.replay.inject import inject
+
+    rep = inject(run_logs.stage0, mode)
+    print(f"recorded stream: {len(rep.baseline)} result(s) accepted, drops {dict(rep.baseline_drops) or 'none'} "
+          f"(re-fed into a fresh EpochGate: same verdicts as the log)")
+    print(f"injected: {mode}")
+    for d in rep.drops:
+        print(f"  dropped  call {d.call_id} chunk {d.chunk_index} epoch {d.cache_epoch}: {d.reason}")
+    if rep.error is not None:
+        print(f"  refused: {type(rep.error).__name__}: {rep.error}")
+        print("the gate raised a typed error: a reordered result is a protocol error, never emitted")
+        return 0 if mode == "reorder" else EXIT_MISMATCH
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(rep.drop_counts.items())) or "none"
+    print(f"drops caused by the injection: {counts}")
+    if rep.overtaken:
+        print(f"overtaken by a hard cut (dropped by epoch, never emitted): calls {rep.overtaken}")
+    if rep.unchanged:
+        print(f"emitted stream unchanged: calls {rep.emitted}")
+        return 0 if mode != "reorder" else EXIT_MISMATCH
+    print(f"EMITTED STREAM CHANGED: recorded {rep.baseline}, perturbed {rep.emitted}")
+    return EXIT_MISMATCH
+
+
+def _plain(*cells: object) -> list:
+    """Table cells as plain text: log contents (paths, gloo errors) are never rich markup."""
+    from rich.text import Text
+
+    return [Text(str(c)) for c in cells]
