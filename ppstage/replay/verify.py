@@ -125,7 +125,7 @@ def replay(
     Raises ``ReplayMismatch`` at the first difference when ``stop_at_first``;
     otherwise records every difference in the report (``bisect``).
     """
-    from ppstage.model.digest import tensor_digest
+    from ppstage.digests import tensor_digest
     from ppstage.model.reference import ReferencePipeline
 
     s0 = run.stage0
