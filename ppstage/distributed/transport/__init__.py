@@ -1,7 +1,9 @@
 """Point-to-point messaging between stage leaders over ``torch.distributed``.
 
 A frame is ``header -> metadata -> tensors in spec order`` (``protocol.codec``),
-sent as three or more blocking sends on the 2-rank link group of the pair.
+sent as blocking sends on the 2-rank link group of the pair: one fixed-size
+preamble (header, metadata and, for a small frame, every tensor), then only
+what did not fit (``_frames.py`` has the layout and why).
 
 Threads
 -------
