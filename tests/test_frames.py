@@ -7,6 +7,7 @@ import torch
 
 from ppstage.distributed.transport import byte_view, make_spec, rebuild
 from ppstage.distributed.transport._frames import (
+    GLOO_PREAMBLE_BYTES,
     PREAMBLE_BYTES,
     BufferPool,
     FrameReader,
@@ -36,8 +37,10 @@ class Wire:
 
     def recv(self, buf: torch.Tensor) -> None:
         t = self.messages.pop(0)
-        assert t.numel() == buf.numel()
-        buf.copy_(t)
+        assert t.numel() <= buf.numel() if self.shorter_ok else t.numel() == buf.numel()
+        buf[: t.numel()].copy_(t)
+
+    shorter_ok = False
 
 
 def _round_trip(writer: FrameWriter, reader: FrameReader, wire: Wire, msg, tensors):
@@ -47,7 +50,7 @@ def _round_trip(writer: FrameWriter, reader: FrameReader, wire: Wire, msg, tenso
     got_head = reader.receive_preamble(wire.recv)
     header = parse_header(got_head)
     got = decode_metadata(header, got_head, reader.receive_meta(header.meta_len, wire.recv))
-    flats = reader.receive_tensors(header.meta_len, got.tensors, wire.recv, lambda spec: None)
+    flats = reader.receive_tensors(got_head, header.meta_len, got.tensors, wire.recv, lambda spec: None)
     assert not wire.messages
     return got, [rebuild(s, f) for s, f in zip(got.tensors, flats)], sent
 
@@ -60,6 +63,40 @@ def test_a_small_frame_is_one_send_and_a_large_one_adds_one_send_per_tensor():
     large = torch.randn(256, 64)  # 64 KiB
     msg, out, sends = _round_trip(writer, reader, wire, _hop(2, large), [large])
     assert sends == 2 and torch.equal(out[0], large)
+
+
+def test_on_gloo_a_frame_of_up_to_a_mebibyte_is_one_send_of_the_bytes_it_uses():
+    writer = FrameWriter(CPU, GLOO_PREAMBLE_BYTES, exact=False)
+    reader, wire = FrameReader(CPU, GLOO_PREAMBLE_BYTES), Wire()
+    wire.shorter_ok = True
+    for rows, sends in ((48, 1), (4096, 1), (8192, 2)):  # 12 KiB, 1 MiB, 2 MiB
+        t = torch.randn(rows, 64)
+        _, out, n = _round_trip(writer, reader, wire, _hop(rows, t), [t])
+        assert n == sends and torch.equal(out[0], t)
+    small = torch.randn(48, 64)
+    _round_trip(writer, reader, wire, _hop(1, small), [small])
+    head, meta = encode_frame(_hop(1, small))
+    assert len(wire.messages) == 0
+    writer.send(head, meta, [byte_view(small)], wire.send)
+    assert wire.messages[0].numel() < 16 << 10  # only the used part goes out
+
+
+def test_a_small_frame_that_arrives_short_is_a_framing_error():
+    from protocol import FramingError
+
+    writer = FrameWriter(CPU, GLOO_PREAMBLE_BYTES, exact=False)
+    reader, wire = FrameReader(CPU, GLOO_PREAMBLE_BYTES), Wire()
+    wire.shorter_ok = True
+    t = torch.randn(48, 64)
+    _round_trip(writer, reader, wire, _hop(1, t), [t])  # leaves an end mark behind
+    head, meta = encode_frame(_hop(1, t))
+    writer.send(head, meta, [byte_view(t)], wire.send)
+    wire.messages[0] = wire.messages[0][:-100]  # the same frame, cut short
+    got_head = reader.receive_preamble(wire.recv)
+    header = parse_header(got_head)
+    got = decode_metadata(header, got_head, reader.receive_meta(header.meta_len, wire.recv))
+    with pytest.raises(FramingError):
+        reader.receive_tensors(got_head, header.meta_len, got.tensors, wire.recv, lambda spec: None)
 
 
 def test_layout_aligns_every_inline_tensor_and_falls_back_when_it_does_not_fit():
@@ -80,7 +117,8 @@ def test_padding_never_carries_bytes_of_an_earlier_frame():
     writer.send(head, meta, [byte_view(tiny)], wire.send)
     second = wire.messages[1]
     end = frame_layout(len(meta), [tiny.numel() * 4]).offsets[0] + tiny.numel() * 4
-    assert not second[end:].any()
+    assert bytes(second[end + 4 : end + 8].numpy()) == b"PPSE"  # the end mark, then zeros only
+    assert not second[end + 8 :].any()
 
 
 def test_a_receive_buffer_is_reused_only_after_its_last_user_let_go():

@@ -24,7 +24,7 @@ from dist_helpers import run_ranks
 from ppstage.config import PPStageConfig
 from ppstage.errors import ChannelDead
 from ppstage.distributed.topology import ProcessGroups, WrongGroup, build_groups, role_for
-from ppstage.distributed.transport._frames import PREAMBLE_BYTES, FrameWriter
+from ppstage.distributed.transport._frames import PREAMBLE_BYTES, FrameWriter, preamble_capacity
 from ppstage.distributed.transport import (
     TORCH_DTYPE,
     Transport,
@@ -447,7 +447,7 @@ def _invalid_frames_worker(ctx):
             forged = msgspec.structs.replace(
                 d, tensors=(msgspec.structs.replace(d.tensors[0], digest="0" * 32), *d.tensors[1:])
             )
-            writer = FrameWriter(torch.device("cpu"))  # the transport's framing, minus its preflight
+            writer = FrameWriter(torch.device("cpu"), preamble_capacity("gloo"), exact=False)  # no preflight
             for msg, tensors in ((bad, t[:3]), (forged, dt)):
                 head, meta = encode_frame(msg)
                 flats = [byte_view(tensor.contiguous()) for tensor in tensors]

@@ -4,19 +4,74 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "run a micro-benchmark: `ppstage bench protocol` times the checked wire round trip"
+HELP = (
+    "run a benchmark: `protocol` (checked wire round trip), `transport` (a hop vs raw send/recv), "
+    "`pipeline` (generator time per chunk for K = 1, 2, 3), `overlap` (period over a sweep of stage costs)"
+)
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4KiB, 1MiB, 65536)") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", choices=("protocol",), help="what to measure")
-    p.add_argument("--iterations", type=int, default=20_000, help="round trips per repeat")
-    p.add_argument("--repeats", type=int, default=7, help="repeats; the median is reported")
+    p.add_argument("target", choices=("protocol", "transport", "pipeline", "overlap"), help="what to measure")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--iterations", type=int, default=20_000, help="round trips per repeat")
+    g.add_argument("--repeats", type=int, default=7, help="repeats; the best is reported")
+    g = p.add_argument_group("transport")
+    g.add_argument("--sizes", type=_size, nargs="+", default=None, help="message sizes (default 4KiB 64KiB 1MiB 16MiB)")
+    g.add_argument("--rounds", type=int, default=5, help="alternating rounds per size; the median is reported")
+    g = p.add_argument_group("pipeline and overlap")
+    g.add_argument("--chunks", type=int, default=None, help="chunks per run (default: pipeline 24, overlap 16)")
+    g.add_argument("--stages", type=int, nargs="+", default=None, help="K values (pipeline: default 1 2 3)")
+    g.add_argument("--simulate-decode-ms", type=float, default=40.0, help="overlap: stage-0 decode cost per chunk")
+    g.add_argument("--simulate-call-ms", type=float, default=None,
+                   help="overlap: generator cost per chunk spread over its calls (default: matched to decode)")
+    g.add_argument("--modes", nargs="+", choices=("r1", "r0a", "r0"), default=None, help="overlap: modes (default all)")
+    g.add_argument("--depths", type=int, nargs="+", default=None, help="overlap: D_in = D_out values (default 2)")
+    g.add_argument("--cases", nargs="+", choices=("stage0", "generator", "balanced"), default=None,
+                   help="overlap: which stage is the bottleneck (default all three)")
+    g.add_argument("--full", action="store_true", help="overlap: the whole sweep (every mode, case and D in 1 2 3)")
+    g.add_argument("--png", default=None, help="overlap: write a PNG of the period per case (needs matplotlib)")
+    g.add_argument("--timeout", type=float, default=300.0, help="give up on one pipeline run after this")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppstage.bench.protocol_bench import format_report, run_protocol_bench
+    if args.target == "protocol":
+        from ppstage.bench.protocol_bench import format_report, run_protocol_bench
 
-    if args.iterations < 1 or args.repeats < 1:
-        raise SystemExit("--iterations and --repeats must be >= 1")
-    print(format_report(run_protocol_bench(args.iterations, args.repeats)))
+        if args.iterations < 1 or args.repeats < 1:
+            raise SystemExit("--iterations and --repeats must be >= 1")
+        print(format_report(run_protocol_bench(args.iterations, args.repeats)))
+        return 0
+    if args.target == "transport":
+        from ppstage.bench.transport_bench import DEFAULT_SIZES, format_report, run_transport_bench
+
+        if args.rounds < 1:
+            raise SystemExit("--rounds must be >= 1")
+        sizes = tuple(args.sizes or DEFAULT_SIZES)
+        print(format_report(run_transport_bench(sizes, rounds=args.rounds)), flush=True)
+        return 0
+    if args.target == "pipeline":
+        from ppstage.bench.pipeline_bench import format_report, run_pipeline_bench
+
+        result = run_pipeline_bench(
+            stages=tuple(args.stages or (1, 2, 3)), chunks=args.chunks or 24, timeout_s=args.timeout
+        )
+        print(format_report(result), flush=True)
+        return 0
+    from ppstage.bench.overlap_bench import OverlapSweep, format_report, run_overlap_bench, write_png
+
+    sweep = OverlapSweep.from_args(args)
+    result = run_overlap_bench(sweep, progress=lambda line: print(line, flush=True))
+    print(format_report(result), flush=True)
+    if args.png:
+        print(write_png(result, args.png))
     return 0

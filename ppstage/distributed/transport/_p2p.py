@@ -36,7 +36,7 @@ from protocol import (
 from ppstage.config import PPStageConfig
 from ppstage.errors import ChannelDead
 from ppstage.distributed.topology import ProcessGroups, Role
-from ppstage.distributed.transport._frames import FrameReader, FrameWriter
+from ppstage.distributed.transport._frames import FrameReader, FrameWriter, preamble_capacity
 from ppstage.distributed.transport._tensors import make_spec, prepare_tensors, rebuild
 
 # After either of these goes out or comes in, the stream is ending by protocol:
@@ -264,7 +264,9 @@ class Transport:
     # -- sender thread -----------------------------------------------------------
     def _send_loop(self) -> None:
         self._bind_device()
-        writer = FrameWriter(self.device)  # owned by this thread: the preamble buffer is reused
+        backend = self.config.topology.backend
+        # Owned by this thread: the preamble buffer is reused for every frame.
+        writer = FrameWriter(self.device, preamble_capacity(backend), exact=backend != "gloo")
         while True:
             item = self._outbox.get()
             if item is None:
@@ -295,7 +297,7 @@ class Transport:
     # -- receiver threads ----------------------------------------------------------
     def _receive_loop(self, src: int, group: Any, inbox: asyncio.Queue[Inbound]) -> None:
         self._bind_device()
-        reader = FrameReader(self.device)  # preamble and receive buffers, reused per link
+        reader = FrameReader(self.device, preamble_capacity(self.config.topology.backend))  # reused per link
         idle = partial(self._recv, src=src, group=group, timeout=IDLE_WAIT)
         framed = partial(self._recv, src=src, group=group, timeout=self._frame_timeout)
         while True:
@@ -314,7 +316,7 @@ class Transport:
                 )
                 waiting_for = "metadata"
                 msg = decode_metadata(header, head, reader.receive_meta(header.meta_len, framed))
-                flats = reader.receive_tensors(header.meta_len, msg.tensors, framed, on_tensor)
+                flats = reader.receive_tensors(head, header.meta_len, msg.tensors, framed, on_tensor)
                 received_at = time.monotonic()
             except _LinkFailure as failure:
                 if waiting_for == "a header" and (self._closed or self._ending):
