@@ -141,12 +141,24 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # Adds one mesh all_reduce per chunk (tp > 1): a flag that changes the
     # communication count, so every rank must agree on it (parity handshake).
     debug_extra_collective: bool = False
+    # R0a: decode the frame the next chunk's anchor needs first, send that
+    # chunk's envelope, then decode the rest (docs/performance.md). Output bytes
+    # are the same either way; false decodes every frame before anything else.
+    anchor_first_decode: bool = True
+    # Benchmark baseline: plan a chunk only after the previous one was emitted
+    # (no overlap of stage 0 and the generator at all).
+    sequential_schedule: bool = False
+    # Where rank 0's and the generator ranks' tensors live: "auto" = cpu on gloo,
+    # cuda:<local rank> on nccl (docs/performance.md).
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.d_in < 1 or self.d_out < 1:
             raise ConfigError("queue depths must be >= 1")
         if self.keepalive_interval_s >= self.stage_idle_deadline_s:
             raise ConfigError("keepalives must be more frequent than the stage idle deadline")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"runtime.device must be auto, cpu or cuda, not {self.device!r}")
 
 
 class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -28,6 +28,7 @@ class ChunkEvents(msgspec.Struct, kw_only=True):
     queued: float = 0.0  # entered the decode queue (after ``received``: the put may wait)
     decode_start: float = 0.0
     decode_end: float = 0.0
+    decode_wait: float = 0.0  # inside the decode span, waiting for the next envelope to go out
     emitted: float = 0.0
     stage_durations: tuple[float, ...] = ()
     output_digest: str | None = None
@@ -35,7 +36,8 @@ class ChunkEvents(msgspec.Struct, kw_only=True):
 
     @property
     def s0(self) -> float:
-        return (self.build_end - self.build_start) + (self.decode_end - self.decode_start)
+        decode = self.decode_end - self.decode_start - self.decode_wait
+        return (self.build_end - self.build_start) + decode
 
     @property
     def s1(self) -> float:
@@ -55,6 +57,10 @@ class RunSummary(msgspec.Struct, kw_only=True):
     overlap_score: float
     dropped: dict[str, int]
     wall_s: float
+    # Rank 0's event-loop thread CPU per emitted chunk (plan, validate, frame,
+    # gate, log: the control plane), and as a share of the median period.
+    loop_cpu_ms_per_chunk: float = 0.0
+    loop_cpu_pct_of_period: float = 0.0
 
 
 def overlap_score(events: list[ChunkEvents], *, warmup: int = 2) -> float:
@@ -81,6 +87,7 @@ def summarize(
     dropped: dict[str, int],
     wall_s: float,
     warmup: int = 2,
+    loop_cpu_s: float = 0.0,
 ) -> RunSummary:
     done = [e for e in events if e.outcome == "emitted"]
     periods = [b.emitted - a.emitted for a, b in zip(done, done[1:])][warmup:]
@@ -90,11 +97,13 @@ def summarize(
         for i in range(n_stages)
     )
     span = done[-1].emitted - done[0].emitted if len(done) > 1 else 0.0
+    period_ms = 1e3 * median(periods) if periods else 0.0
+    cpu_ms = 1e3 * loop_cpu_s / len(done) if done else 0.0
     return RunSummary(
         chunks_planned=len(events),
         chunks_emitted=len(done),
         frames_per_s=(frames_per_chunk * (len(done) - 1) / span) if span > 0 else 0.0,
-        median_period_ms=1e3 * median(periods) if periods else 0.0,
+        median_period_ms=period_ms,
         median_s0_ms=1e3 * median([e.s0 for e in done]) if done else 0.0,
         median_s1_ms=1e3 * median([e.s1 for e in done]) if done else 0.0,
         stage_median_ms=stage_medians,
@@ -103,4 +112,6 @@ def summarize(
         overlap_score=overlap_score(events, warmup=warmup),
         dropped=dict(dropped),
         wall_s=wall_s,
+        loop_cpu_ms_per_chunk=cpu_ms,
+        loop_cpu_pct_of_period=100.0 * cpu_ms / period_ms if period_ms > 0 else 0.0,
     )
