@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", type=int, default=7, help="repeats; the best is reported")
     g = p.add_argument_group("transport")
     g.add_argument("--sizes", type=_size, nargs="+", default=None, help="message sizes (default 4KiB 64KiB 1MiB 16MiB)")
-    g.add_argument("--rounds", type=int, default=5, help="alternating rounds per size; the median is reported")
+    g.add_argument("--rounds", type=int, default=None,
+                   help="alternating rounds (transport: per size, default 5; pipeline: of K = 1, 2, 3, default 1)")
     g = p.add_argument_group("pipeline and overlap")
     g.add_argument("--chunks", type=int, default=None, help="chunks per run (default: pipeline 24, overlap 16)")
     g.add_argument("--stages", type=int, nargs="+", default=None, help="K values (pipeline: default 1 2 3)")
@@ -54,16 +55,18 @@ def run(args: argparse.Namespace) -> int:
     if args.target == "transport":
         from ppstage.bench.transport_bench import DEFAULT_SIZES, format_report, run_transport_bench
 
-        if args.rounds < 1:
+        rounds = args.rounds or 5
+        if rounds < 1:
             raise SystemExit("--rounds must be >= 1")
         sizes = tuple(args.sizes or DEFAULT_SIZES)
-        print(format_report(run_transport_bench(sizes, rounds=args.rounds)), flush=True)
+        print(format_report(run_transport_bench(sizes, rounds=rounds)), flush=True)
         return 0
     if args.target == "pipeline":
         from ppstage.bench.pipeline_bench import format_report, run_pipeline_bench
 
         result = run_pipeline_bench(
-            stages=tuple(args.stages or (1, 2, 3)), chunks=args.chunks or 24, timeout_s=args.timeout
+            stages=tuple(args.stages or (1, 2, 3)), chunks=args.chunks or 24, rounds=args.rounds or 1,
+            timeout_s=args.timeout,
         )
         print(format_report(result), flush=True)
         return 0
