@@ -154,22 +154,20 @@ class StreamInputs:
         return pixels
 
     def anchor_offsets(self, plan: ChunkPlan) -> tuple[int, ...]:
-        """Offsets of this chunk's frames that a later R0a chunk of the epoch takes as its anchor.
+        """Offsets of this chunk's frames that the very next R0a chunk takes as its anchor.
 
         The anchor of a chunk starting at ``s`` is decoded frame ``s - decoded_buffer_frames``
-        (``Planner._context``); the chunks after this one start at ``end_frame + m * F``.
-        Empty unless the mode is R0a. A hard cut only makes a prediction unused.
+        (``Planner._context``), and the next chunk starts at ``end_frame``. Empty unless
+        the mode is R0a and that frame lies in this chunk (``decoded_buffer_frames <=
+        chunk_frames``); anchors of chunks further ahead are decoded long before they
+        are needed. A hard cut only makes the prediction unused.
         """
         if self.config.recompute.mode != "r0a":
             return ()
-        back = self.config.recompute.decoded_buffer_frames
-        f = plan.num_frames
-        first = plan.end_frame - back  # the anchor of the very next chunk
-        return tuple(
-            frame - plan.current_start_frame
-            for frame in range(plan.current_start_frame, plan.end_frame)
-            if frame >= first and (frame - first) % f == 0
-        )
+        anchor = plan.end_frame - self.config.recompute.decoded_buffer_frames
+        if plan.current_start_frame <= anchor < plan.end_frame:
+            return (anchor - plan.current_start_frame,)
+        return ()
 
     # -- internals ---------------------------------------------------------
     def _enter_epoch(self, plan: ChunkPlan) -> None:
