@@ -57,6 +57,7 @@ from ppstage.core.plan import ChunkPlan
 from ppstage.core.planner import Intent, Planner
 from ppstage.model.reference import StreamScript
 from ppstage.model.stream_inputs import StaleInputs, StreamInputs
+from ppstage.distributed.devices import HostStage
 from ppstage.distributed.topology import Role
 from ppstage.distributed.transport import Transport
 from ppstage.stages.envelopes import infer_envelope
@@ -121,6 +122,7 @@ class Stage0Actor:
         self._checker = ThreadPoolExecutor(1, thread_name_prefix="stage0-check")
         self._anchor_first = rt.anchor_first_decode and config.recompute.mode == "r0a"
         self._pending: ChunkPlan | None = None  # planned, not sent yet
+        self._host = HostStage(transport.device)
         self._progress = asyncio.Event()
         self._stopping = False
         self._plan_pending = False
@@ -284,6 +286,8 @@ class Stage0Actor:
             if not isinstance(msg, ChunkResult):
                 raise ProtocolError(f"unexpected {action_of(msg)} on the result link", **ids_of(msg))
             latents = item.tensors.get("latents_out")
+            if latents is not None:
+                latents = self._host.to_host(latents)  # rank 0's decode path works on the host
             verdict = self.gate.admit(msg)
             ev = self.events.get(msg.chunk_index)
             if not verdict.accepted:

@@ -35,6 +35,7 @@ from protocol import (
 
 from ppstage.config import PPStageConfig
 from ppstage.errors import ChannelDead
+from ppstage.distributed.devices import after_receive, before_send, comm_stream, on_stream
 from ppstage.distributed.topology import ProcessGroups, Role
 from ppstage.distributed.transport._frames import FrameReader, FrameWriter, preamble_capacity
 from ppstage.distributed.transport._tensors import make_spec, prepare_tensors, rebuild
@@ -267,11 +268,14 @@ class Transport:
         backend = self.config.topology.backend
         # Owned by this thread: the preamble buffer is reused for every frame.
         writer = FrameWriter(self.device, preamble_capacity(backend), exact=backend != "gloo")
-        while True:
-            item = self._outbox.get()
-            if item is None:
-                return
-            self._send_one(writer, item)
+        stream = comm_stream(self.device)  # None on CPU
+        with on_stream(stream):
+            while True:
+                item = self._outbox.get()
+                if item is None:
+                    return
+                before_send(stream, item.payload)
+                self._send_one(writer, item)
 
     def _send_one(self, writer: FrameWriter, item: _Outgoing) -> None:
         ids = _ids(item.msg)
@@ -297,6 +301,11 @@ class Transport:
     # -- receiver threads ----------------------------------------------------------
     def _receive_loop(self, src: int, group: Any, inbox: asyncio.Queue[Inbound]) -> None:
         self._bind_device()
+        stream = comm_stream(self.device)  # None on CPU
+        with on_stream(stream):
+            self._receive_frames(src, group, inbox, stream)
+
+    def _receive_frames(self, src: int, group: Any, inbox: asyncio.Queue[Inbound], stream) -> None:
         reader = FrameReader(self.device, preamble_capacity(self.config.topology.backend))  # reused per link
         idle = partial(self._recv, src=src, group=group, timeout=IDLE_WAIT)
         framed = partial(self._recv, src=src, group=group, timeout=self._frame_timeout)
@@ -317,6 +326,7 @@ class Transport:
                 waiting_for = "metadata"
                 msg = decode_metadata(header, head, reader.receive_meta(header.meta_len, framed))
                 flats = reader.receive_tensors(head, header.meta_len, msg.tensors, framed, on_tensor)
+                after_receive(stream, flats)
                 received_at = time.monotonic()
             except _LinkFailure as failure:
                 if waiting_for == "a header" and (self._closed or self._ending):
