@@ -198,6 +198,9 @@ ALTERNATIVE = {
     "runtime.simulated_decode_ms": 1.0,
     "runtime.simulated_call_ms": 1.0,
     "runtime.debug_extra_collective": True,
+    "runtime.anchor_first_decode": False,
+    "runtime.sequential_schedule": True,
+    "runtime.device": "cpu",
 }
 
 
