@@ -67,6 +67,7 @@ from ppstage.stages.deadlines import ResultDeadline
 log = structlog.get_logger("ppstage.stage0")
 
 WATCHDOG_TICK_S = 0.25  # how often an owed result's deadline is re-checked
+INLINE_DIGEST_BYTES = 256 << 10  # larger results are hashed in the check worker, off the loop
 
 Sink = Callable[[ChunkPlan, torch.Tensor], None]
 
@@ -299,7 +300,10 @@ class Stage0Actor:
                 self._progress.set()
                 continue
             assert latents is not None  # the gate refuses an ok result without it
-            digest = await asyncio.get_running_loop().run_in_executor(self._checker, tensor_digest, latents)
+            if latents.numel() * latents.element_size() > INLINE_DIGEST_BYTES:
+                digest = await asyncio.get_running_loop().run_in_executor(self._checker, tensor_digest, latents)
+            else:  # hashing a few KiB costs less than the hand-off to a worker and back
+                digest = tensor_digest(latents)
             self._check_result(msg, digest)
             plan = self.plans.pop(msg.call_id)
             self._owed_since = time.monotonic()
@@ -375,8 +379,7 @@ class Stage0Actor:
                     await self._wait(lambda: self._pending is None or not self._inputs_ready(self._pending))
                     ev.decode_wait = time.perf_counter() - waited
                 rest = tuple(i for i in range(latents.shape[0]) if i not in first)
-                parts.append(await loop.run_in_executor(self._decoder, self._decode_part, plan, latents, rest))
-                emitted = await loop.run_in_executor(self._decoder, self._emit, plan, (first, rest), parts)
+                emitted = await loop.run_in_executor(self._decoder, self._decode_rest, plan, latents, first, rest, parts)
             except StaleInputs:
                 emitted = False
             finally:
@@ -401,6 +404,11 @@ class Stage0Actor:
         if cost_s:
             time.sleep(cost_s)  # simulated stage-0 cost (config.runtime.simulated_decode_ms)
         return pixels
+
+    def _decode_rest(self, plan: ChunkPlan, latents: torch.Tensor, first, rest, parts) -> bool:
+        """Decode worker: the frames not decoded yet, then emit (one hand-off for both)."""
+        parts = [*parts, self._decode_part(plan, latents, rest)]
+        return self._emit(plan, (first, rest), parts)
 
     def _emit(self, plan: ChunkPlan, offsets, parts) -> bool:
         """Decode worker: the chunk's pixels in frame order, to the sink, unless a cut made it stale."""
