@@ -10,9 +10,14 @@ shared machine hits all three alike:
   preflight (``validate``, tensor checks, ``encode_frame``), the frame's sends
   (``FrameWriter``), the receive with every check (``parse_header``,
   ``decode_metadata``, ``validate``) into pooled buffers (``FrameReader``);
+* **3 sends**: the framing before issue 11, for comparison in the same run: the
+  same checks, then header, metadata and tensor as three blocking sends;
 * **hop**: actor to actor through the threads: ``await Transport.send`` on one
   event loop, the sender thread, the peer's receiver thread, its loop's inbox,
   and the same back.
+
+Each figure is the best of ``rounds`` (as ``timeit`` advises: slower rounds
+measure other processes on a shared machine, not this code).
 
 The message is a ``StageHop`` carrying one float32 tensor (an inter-stage
 hidden state). Targets (issue 11): framed throughput >= 0.9 of raw at >= 1 MiB,
@@ -24,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
-import statistics
 import time
 import traceback
 from datetime import timedelta
@@ -42,6 +46,7 @@ class SizeResult(msgspec.Struct, frozen=True, kw_only=True):
     iterations: int
     raw_us: float  # one way, median over rounds
     framed_us: float
+    legacy_us: float  # header, metadata and tensor as three sends (before issue 11)
     hop_us: float
 
     @property
@@ -100,6 +105,7 @@ def _run_rank(rank: int, port: int, sizes: list[int], rounds: int, budget: int) 
     # raw and framed traffic get groups of their own, or that receive would take it.
     raw_link = dist.new_group([0, 1])
     framed_link = dist.new_group([0, 1])
+    legacy_link = dist.new_group([0, 1])
     role = role_for(config, rank)
     peer = 1 - rank
     loop = asyncio.new_event_loop()
@@ -111,20 +117,23 @@ def _run_rank(rank: int, port: int, sizes: list[int], rounds: int, budget: int) 
         tensor = torch.full((max(1, nbytes // 256), 64), float(rank))
         raw_buf = torch.empty(tensor.numel() * 4, dtype=torch.uint8)
         framed = _FramedLink(framed_link, peer, tensor)
-        times: dict[str, list[float]] = {"raw": [], "framed": [], "hop": []}
+        legacy = _LegacyLink(legacy_link, peer, tensor)
+        times: dict[str, list[float]] = {"raw": [], "framed": [], "legacy": [], "hop": []}
         dist.barrier()
         for r in range(rounds + 1):  # round 0 warms up
-            for kind in ("raw", "framed", "hop"):
+            for kind in ("raw", "framed", "legacy", "hop"):
                 t0 = time.perf_counter()
                 if kind == "raw":
                     _raw_ping_pong(rank, peer, raw_link, raw_buf, n)
                 elif kind == "framed":
                     framed.ping_pong(rank, n)
+                elif kind == "legacy":
+                    legacy.ping_pong(rank, n)
                 else:
                     loop.run_until_complete(_hop_ping_pong(rank, peer, transport, inbox, tensor, n))
                 if r:
                     times[kind].append((time.perf_counter() - t0) / n / 2 * 1e6)
-        out[nbytes] = {k: statistics.median(v) for k, v in times.items()} | {"iterations": n}
+        out[nbytes] = {k: min(v) for k, v in times.items()} | {"iterations": n}
     transport.close()
     return out
 
@@ -205,6 +214,51 @@ class _FramedLink:
                 self._send(i)
 
 
+class _LegacyLink(_FramedLink):
+    """The framing before issue 11: header, metadata and tensor as three exact-size sends."""
+
+    def _send(self, call_id: int) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from ppstage.distributed.transport import prepare_tensors
+        from ppstage.stages.envelopes import hop
+        from protocol import encode_frame, validate
+
+        msg = hop(_Ids(call_id), call_kind="denoise", step=0, target="hidden", tensor=self.tensor)  # type: ignore[arg-type]
+        validate(msg, None)
+        _, payload = prepare_tensors(msg.tensors, [self.tensor], torch.device("cpu"), fill_digests=False, ids={})
+        head, meta = encode_frame(msg)
+        for part in (torch.frombuffer(bytearray(head), dtype=torch.uint8),
+                     torch.frombuffer(bytearray(meta), dtype=torch.uint8), *payload):
+            dist.send(part, dst=self.peer, group=self.link)
+
+    def _recv(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from ppstage.distributed.transport import rebuild
+        from protocol import HEADER_SIZE, decode_metadata, parse_header, validate
+
+        def recv(buf) -> None:
+            dist.irecv(buf, src=self.peer, group=self.link).wait(self.timeout)
+
+        head_buf = torch.zeros(HEADER_SIZE, dtype=torch.uint8)
+        recv(head_buf)
+        head = head_buf.numpy().tobytes()
+        header = parse_header(head)
+        meta = torch.zeros(header.meta_len, dtype=torch.uint8)
+        recv(meta)
+        msg = decode_metadata(header, head, meta.numpy().tobytes())
+        flats = []
+        for spec in msg.tensors:
+            flat = torch.empty(spec.nbytes, dtype=torch.uint8)
+            recv(flat)
+            flats.append(flat)
+        validate(msg, None)
+        [rebuild(s, f) for s, f in zip(msg.tensors, flats)]
+
+
 class _Ids:
     def __init__(self, call_id: int) -> None:
         self.call_id, self.chunk_index, self.cache_epoch = call_id, call_id, 0
@@ -267,7 +321,7 @@ def run_transport_bench(
         sizes=tuple(
             SizeResult(
                 nbytes=s, iterations=int(mine[s]["iterations"]), raw_us=mine[s]["raw"],
-                framed_us=mine[s]["framed"], hop_us=mine[s]["hop"],
+                framed_us=mine[s]["framed"], legacy_us=mine[s]["legacy"], hop_us=mine[s]["hop"],
             )
             for s in sizes
         ),
@@ -281,15 +335,15 @@ def _size(n: int) -> str:
 def format_report(r: TransportBenchResult) -> str:
     lines = [
         "transport: StageHop + one float32 tensor, 2 processes, gloo loopback, one way = round trip / 2",
-        f"(median of {r.rounds} rounds, raw / framed / hop alternating within each round)",
+        f"(best of {r.rounds} rounds, raw / framed / 3 sends / hop alternating within each round)",
         "",
-        f"{'size':>8}  {'raw us':>9}  {'framed us':>9}  {'hop us':>9}  {'framed/raw tput':>15}  "
+        f"{'size':>8}  {'raw us':>9}  {'framed us':>9}  {'3 sends us':>10}  {'hop us':>9}  {'framed/raw tput':>15}  "
         f"{'added us':>9}  {'hop added us':>12}  {'raw MB/s':>9}",
     ]
     for s in r.sizes:
         lines.append(
-            f"{_size(s.nbytes):>8}  {s.raw_us:9.1f}  {s.framed_us:9.1f}  {s.hop_us:9.1f}  {s.framed_ratio:15.2f}  "
-            f"{s.added_us:9.1f}  {s.hop_added_us:12.1f}  {s.nbytes / s.raw_us:9.0f}"
+            f"{_size(s.nbytes):>8}  {s.raw_us:9.1f}  {s.framed_us:9.1f}  {s.legacy_us:10.1f}  {s.hop_us:9.1f}  "
+            f"{s.framed_ratio:15.2f}  {s.added_us:9.1f}  {s.hop_added_us:12.1f}  {s.nbytes / s.raw_us:9.0f}"
         )
     big = [s for s in r.sizes if s.nbytes >= 1 << 20]
     at64 = [s for s in r.sizes if s.nbytes == 64 << 10]

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("transport")
     g.add_argument("--sizes", type=_size, nargs="+", default=None, help="message sizes (default 4KiB 64KiB 1MiB 16MiB)")
     g.add_argument("--rounds", type=int, default=None,
-                   help="alternating rounds (transport: per size, default 5; pipeline: of K = 1, 2, 3, default 1)")
+                   help="alternating rounds (transport: per size, best reported, default 5; pipeline: of K = 1, 2, 3, median, default 1)")
     g = p.add_argument_group("pipeline and overlap")
     g.add_argument("--chunks", type=int, default=None, help="chunks per run (default: pipeline 24, overlap 16)")
     g.add_argument("--stages", type=int, nargs="+", default=None, help="K values (pipeline: default 1 2 3)")
