@@ -32,7 +32,6 @@ import os
 import time
 import traceback
 from datetime import timedelta
-from typing import Any
 
 import msgspec
 
