@@ -251,6 +251,16 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # Adds one mesh all_reduce per chunk (tp > 1): a flag that changes the
     # communication count, so every rank must agree on it (parity handshake).
     debug_extra_collective: bool = False
+    # R0a: decode the frame the next chunk's anchor needs first, send that
+    # chunk's envelope, then decode the rest (docs/performance.md). Output bytes
+    # are the same either way; false decodes every frame before anything else.
+    anchor_first_decode: bool = True
+    # Benchmark baseline: plan a chunk only after the previous one was emitted
+    # (no overlap of stage 0 and the generator at all).
+    sequential_schedule: bool = False
+    # Where rank 0's and the generator ranks' tensors live: "auto" = cpu on gloo,
+    # cuda:<local rank> on nccl (docs/performance.md).
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.keepalive_interval_s >= self.stage_idle_deadline_s:
@@ -258,6 +268,8 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                 f"runtime.keepalive_interval_s: must be < runtime.stage_idle_deadline_s "
                 f"({self.stage_idle_deadline_s}), got {self.keepalive_interval_s}"
             )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"runtime.device: must be auto, cpu or cuda, got {self.device!r}")
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

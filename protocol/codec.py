@@ -27,6 +27,7 @@ from .errors import (
     DigestMismatch,
     FramingError,
     MetadataError,
+    ProtocolError,
     TensorSpecError,
     UnknownAction,
     UnsupportedVersion,
@@ -36,9 +37,9 @@ from .messages import (
     ACTION_BY_CODE,
     ACTION_CODES,
     PROTOCOL_VERSION,
+    WIRE_TYPES,
     TensorSpec,
     WireMessage,
-    action_of,
 )
 
 MAGIC = b"PPS1"
@@ -65,7 +66,20 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 # ``order="deterministic"`` makes the bytes canonical (fixed field order, sorted
 # dict keys), so the same bytes serve the wire, digests, logs and replay.
 _ENCODER = msgspec.msgpack.Encoder(order="deterministic")
-_DECODER = msgspec.msgpack.Decoder(WireMessage)
+# One decoder per action, chosen by the header's (already checked) action code:
+# the metadata is decoded straight into the type the header announced.
+_TYPE_OF: dict[str, type] = {t.__struct_config__.tag: t for t in WIRE_TYPES}  # type: ignore[attr-defined]
+_DECODERS: dict[str, msgspec.msgpack.Decoder] = {a: msgspec.msgpack.Decoder(t) for a, t in _TYPE_OF.items()}
+_CODE_OF: dict[type, int] = {t: ACTION_CODES[a] for a, t in _TYPE_OF.items()}
+
+
+class _TagOnly(msgspec.Struct):
+    """Reads only the tag of metadata that failed to decode as the header's type."""
+
+    action: object = None
+
+
+_TAG_DECODER = msgspec.msgpack.Decoder(_TagOnly)
 
 
 class Header(NamedTuple):
@@ -104,16 +118,20 @@ def message_digest(msg: msgspec.Struct) -> str:
 
 def _check_specs(msg: WireMessage) -> None:
     valid = _VALID_SPECS
-    for spec in msg.tensors:
-        try:
-            if (spec.dtype, spec.shape, spec.nbytes) in valid:
-                continue  # the common case, inlined: a set lookup per spec
-        except TypeError:
-            pass
-        try:
-            check_tensor_spec(spec)
-        except TensorSpecError as exc:
-            raise TensorSpecError(exc.reason, chunk=ChunkId.of(msg)) from None
+    try:
+        for spec in msg.tensors:
+            if (spec.dtype, spec.shape, spec.nbytes) not in valid:  # the common case: a set lookup
+                _check_spec_in(msg, spec)
+    except TypeError:  # a shape built in Python as a list: check every spec in full
+        for spec in msg.tensors:
+            _check_spec_in(msg, spec)
+
+
+def _check_spec_in(msg: WireMessage, spec: TensorSpec) -> None:
+    try:
+        check_tensor_spec(spec)
+    except TensorSpecError as exc:
+        raise TensorSpecError(exc.reason, chunk=ChunkId.of(msg)) from None
 
 
 def _checksum(head_wo_checksum: bytes, meta: bytes) -> int:
@@ -154,7 +172,9 @@ def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
     MetadataError
         A field cannot be serialised.
     """
-    action = action_of(msg)
+    code = _CODE_OF.get(type(msg))
+    if code is None:
+        raise MetadataError(f"{type(msg).__name__} is not a wire message")
     if msg.version != PROTOCOL_VERSION:
         raise UnsupportedVersion(f"refusing to send protocol version {msg.version}", chunk=ChunkId.of(msg))
     _check_specs(msg)
@@ -170,7 +190,7 @@ def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
         partial = _HEADER_WO_CHECKSUM.pack(
             MAGIC,
             PROTOCOL_VERSION,
-            ACTION_CODES[action],
+            code,
             len(msg.tensors),
             msg.call_id,
             msg.chunk_index,
@@ -208,9 +228,16 @@ def parse_header(buf: bytes | bytearray | memoryview) -> Header:
     """
     if len(buf) != HEADER_SIZE:
         raise FramingError(f"header is {len(buf)} bytes, expected {HEADER_SIZE}")
-    magic, version, code, count, call_id, chunk_index, epoch, meta_len, checksum = _HEADER.unpack(
-        bytes(buf)
-    )
+    magic, version, code, count, call_id, chunk_index, epoch, meta_len, checksum = _HEADER.unpack(buf)
+    action = ACTION_BY_CODE.get(code)
+    if (
+        magic == MAGIC
+        and version == PROTOCOL_VERSION
+        and action is not None
+        and count <= MAX_TENSORS
+        and 0 < meta_len <= MAX_META_BYTES
+    ):  # the hot path: one test, no error context built
+        return Header(version, action, count, call_id, chunk_index, epoch, meta_len, checksum)
     chunk = ChunkId(call_id, chunk_index, epoch)
     if magic != MAGIC:
         raise FramingError(f"bad magic {magic!r}", chunk=chunk)
@@ -218,14 +245,11 @@ def parse_header(buf: bytes | bytearray | memoryview) -> Header:
         raise UnsupportedVersion(
             f"peer speaks protocol version {version}, this build speaks {PROTOCOL_VERSION}", chunk=chunk
         )
-    action = ACTION_BY_CODE.get(code)
     if action is None:
         raise UnknownAction(f"unknown action code {code}", chunk=chunk)
     if count > MAX_TENSORS:
         raise FramingError(f"tensor count {count} exceeds {MAX_TENSORS}", chunk=chunk)
-    if meta_len == 0 or meta_len > MAX_META_BYTES:
-        raise FramingError(f"metadata length {meta_len} outside (0, {MAX_META_BYTES}]", chunk=chunk)
-    return Header(version, action, count, call_id, chunk_index, epoch, meta_len, checksum)
+    raise FramingError(f"metadata length {meta_len} outside (0, {MAX_META_BYTES}]", chunk=chunk)
 
 
 def decode_metadata(header: Header, header_bytes: bytes, meta: bytes | memoryview) -> WireMessage:
@@ -260,20 +284,20 @@ def decode_metadata(header: Header, header_bytes: bytes, meta: bytes | memoryvie
         The metadata's version differs from the header's.
     TensorSpecError
         A tensor spec is inconsistent.
+
+    The metadata is decoded as the type the header's action names (one decoder
+    per action). When that fails, only the tag is read to say why: a tag this
+    build does not know (``UnknownAction``), the tag of another action than the
+    header's (``FramingError``), or a field that does not fit (``MetadataError``).
     """
-    if not isinstance(meta, bytes):
-        meta = bytes(meta)
     if len(meta) != header.meta_len:
         raise FramingError(f"metadata is {len(meta)} bytes, header says {header.meta_len}", chunk=header.id)
-    if _checksum(header_bytes[:-4], meta) != header.checksum:
+    if zlib.crc32(meta, zlib.crc32(memoryview(header_bytes)[:-4])) & 0xFFFFFFFF != header.checksum:
         raise FramingError("checksum mismatch over header and metadata", chunk=header.id)
     try:
-        msg = _DECODER.decode(meta)
+        msg = _DECODERS[header.action].decode(meta)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        if "Invalid value" in text and "`$.action`" in text:
-            raise UnknownAction(f"unknown message tag: {text}", chunk=header.id) from exc
-        raise MetadataError(f"metadata does not match a wire type: {text}", chunk=header.id) from exc
+        raise _why_undecodable(header, meta, exc) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 in a str.
         raise MetadataError(f"metadata is not valid msgpack: {exc}", chunk=header.id) from exc
@@ -281,13 +305,10 @@ def decode_metadata(header: Header, header_bytes: bytes, meta: bytes | memoryvie
         raise UnsupportedVersion(
             f"metadata version {msg.version} differs from header version {header.version}", chunk=header.id
         )
-    action = action_of(msg)
-    if action != header.action:
-        raise FramingError(f"metadata action {action} != header action {header.action}", chunk=header.id)
-    if (msg.call_id, msg.chunk_index, msg.cache_epoch) != (
-        header.call_id,
-        header.chunk_index,
-        header.cache_epoch,
+    if (
+        msg.call_id != header.call_id
+        or msg.chunk_index != header.chunk_index
+        or msg.cache_epoch != header.cache_epoch
     ):
         raise FramingError("metadata ids differ from header ids", chunk=header.id)
     if len(msg.tensors) != header.tensor_count:
@@ -296,6 +317,18 @@ def decode_metadata(header: Header, header_bytes: bytes, meta: bytes | memoryvie
         )
     _check_specs(msg)
     return msg
+
+
+def _why_undecodable(header: Header, meta: bytes | memoryview, exc: msgspec.ValidationError) -> ProtocolError:
+    try:
+        tag = _TAG_DECODER.decode(meta).action
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        tag = None
+    if isinstance(tag, str) and tag != header.action:
+        if tag not in _TYPE_OF:
+            return UnknownAction(f"unknown message tag {tag!r}", chunk=header.id)
+        return FramingError(f"metadata action {tag} != header action {header.action}", chunk=header.id)
+    return MetadataError(f"metadata does not match a wire type: {exc}", chunk=header.id)
 
 
 def decode_frame(frame: bytes | bytearray | memoryview) -> WireMessage:

@@ -44,3 +44,32 @@ def test_both_paths_reproduce_the_typical_envelope():
     assert pb.msgspec_round_trip(msg, g) == msg
     d = pb._as_dict(msg)
     assert pb.pickle_round_trip(d, g) == d
+
+
+# -- smoke runs of the multi-process benches (tiny sizes; figures are never asserted) --------
+
+
+@pytest.mark.timeout(120)
+def test_bench_transport_prints_raw_framed_and_hop_figures(capsys):
+    assert main(["bench", "transport", "--sizes", "4KiB", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "framed/raw tput" in out and "4 KiB" in out
+
+
+@pytest.mark.timeout(240)
+def test_bench_pipeline_prints_the_ratio_to_one_stage(capsys):
+    assert main(["bench", "pipeline", "--stages", "1", "2", "--chunks", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "x K=1" in out and "target: K=2 <= 1.25x K=1" in out
+
+
+@pytest.mark.timeout(300)
+def test_bench_overlap_runs_r0a_against_both_baselines_and_draws_a_png(capsys, tmp_path):
+    png = tmp_path / "overlap.png"
+    argv = ["bench", "overlap", "--modes", "r0a", "--chunks", "8", "--simulate-decode-ms", "6", "--png", str(png)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for schedule in ("anchor-first", "decode-first", "sequential"):
+        assert schedule in out
+    assert "target r0a balanced D=2" in out
+    assert png.exists() or "matplotlib is not installed" in out

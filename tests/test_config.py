@@ -356,6 +356,9 @@ ALTERNATIVE = {
     "record.dir": "logs",
     "record.tensors": "full",
     "record.flight_records": 16,
+    "runtime.anchor_first_decode": False,
+    "runtime.sequential_schedule": True,
+    "runtime.device": "cpu",
 }
 
 

@@ -161,6 +161,8 @@ PUBLIC_API: dict[str, list[str]] = {
         "parity_settings",
     ],
     "ppstage.distributed.transport": [
+        "FrameReader",
+        "FrameWriter",
         "IDLE_WAIT",
         "Inbound",
         "TERMINAL_ACTIONS",
@@ -170,6 +172,7 @@ PUBLIC_API: dict[str, list[str]] = {
         "byte_view",
         "init_process_group",
         "make_spec",
+        "preamble_capacity",
         "prepare_tensors",
         "rebuild",
         "tensor_digest",

@@ -24,6 +24,7 @@ from dist_helpers import run_ranks
 from ppstage.config import PPStageConfig
 from ppstage.errors import ChannelDead, PPStageError
 from ppstage.distributed.topology import ProcessGroups, WrongGroup, build_groups, role_for
+from ppstage.distributed.transport._frames import PREAMBLE_BYTES, FrameWriter, preamble_capacity
 from ppstage.distributed.transport import (
     TORCH_DTYPE,
     Transport,
@@ -346,20 +347,27 @@ def _raw_header(meta_len: int, checksum: int = 0) -> bytes:
     return struct.pack("<4sBBHqqqII", b"PPS1", 1, 2, 0, 1, 0, 0, meta_len, checksum)
 
 
+def _preamble(*parts: bytes) -> bytes:
+    """A preamble as the transport sends it: ``parts`` then zeros, ``PREAMBLE_BYTES`` long."""
+    data = b"".join(parts)
+    return data + bytes(PREAMBLE_BYTES - len(data))
+
+
 def _garbage_cases() -> list[tuple[str, list[bytes]]]:
     """(label, raw sends): each breaks framing in a different way."""
     rng = random.Random(13)
     header, meta = encode_frame(NoopEnvelope(call_id=5, chunk_index=0, cache_epoch=0))
     too_long = _raw_header(MAX_META_BYTES + 1)
     return [
-        ("random header", [rng.randbytes(HEADER_SIZE)]),
-        ("random header 2", [rng.randbytes(HEADER_SIZE)]),
+        ("random header", [_preamble(rng.randbytes(HEADER_SIZE))]),
+        ("random header 2", [_preamble(rng.randbytes(HEADER_SIZE))]),
         ("truncated header", [header[:10]]),
-        ("header checksum broken", [header[:-4] + struct.pack("<I", zlib.crc32(b"x")), meta]),
-        ("random metadata", [header, rng.randbytes(len(meta))]),
-        ("truncated metadata", [header, meta[: len(meta) // 2]]),
-        ("metadata length over the limit", [too_long]),
-        ("stalls after the metadata", [*encode_frame(infer(7)[0])]),
+        ("header checksum broken", [_preamble(header[:-4] + struct.pack("<I", zlib.crc32(b"x")), meta)]),
+        ("random metadata", [_preamble(header, rng.randbytes(len(meta)))]),
+        ("truncated metadata", [_preamble(header, meta[: len(meta) // 2])]),
+        ("metadata length over the limit", [_preamble(too_long)]),
+        # A 4 MiB tensor does not fit the preamble: the receiver waits for it.
+        ("stalls after the metadata", [_preamble(*encode_frame(big_hop(7)[0]))]),
     ]
 
 
@@ -439,12 +447,11 @@ def _invalid_frames_worker(ctx):
             forged = msgspec.structs.replace(
                 d, tensors=(msgspec.structs.replace(d.tensors[0], digest="0" * 32), *d.tensors[1:])
             )
+            writer = FrameWriter(torch.device("cpu"), preamble_capacity("gloo"), exact=False)  # no preflight
             for msg, tensors in ((bad, t[:3]), (forged, dt)):
                 head, meta = encode_frame(msg)
-                for raw in (head, meta):
-                    dist.send(torch.frombuffer(bytearray(raw), dtype=torch.uint8), dst=1, group=link)
-                for tensor in tensors:
-                    dist.send(byte_view(tensor.contiguous()), dst=1, group=link)
+                flats = [byte_view(tensor.contiguous()) for tensor in tensors]
+                writer.send(head, meta, flats, lambda buf: dist.send(buf, dst=1, group=link))
             await transport.send(1, *noop(3))
             transport.close()
             return {}

@@ -60,7 +60,15 @@ class Stage0Backend(Protocol):
     ``encode_text(prompt) -> [text_tokens, text_dim]`` float32;
     ``vae_decode([F, C, h, w] float32) -> [F, 3, H, W] uint8``;
     ``vae_encode([F, 3, H, W] uint8) -> [F, C, h, w] float32``.
-    All deterministic; decode may run in a worker thread (no shared mutable state).
+    All deterministic. Rank 0 calls them from worker threads, text encoding
+    and VAE encode (building the next envelope) concurrently with decode, so
+    they must share no mutable state.
+
+    Decode is **frame-independent**: decoding any subset of frames gives, for
+    each of them, exactly the bytes the whole-chunk decode gives (R0a decodes
+    the next anchor's frame first; ``check_frame_independent_decode``). A VAE
+    whose decoder mixes frames (a temporal VAE with a causal cache) must decode
+    in chunk order and report that instead; see docs/performance.md.
     """
 
     def encode_text(self, prompt: str) -> Tensor: ...
@@ -68,6 +76,25 @@ class Stage0Backend(Protocol):
     def vae_encode(self, pixels: Tensor) -> Tensor: ...
 
     def vae_decode(self, latents: Tensor) -> Tensor: ...
+
+
+class BackendContractError(AssertionError):
+    """A backend does not honour a contract the runtime relies on."""
+
+
+def check_frame_independent_decode(backend: Stage0Backend, latents: Tensor) -> None:
+    """Raise ``BackendContractError`` unless every frame of ``latents`` ``[F, C, h, w]``
+    decodes alone to the same bytes as in the whole-chunk decode, and in reverse order too."""
+    import torch
+
+    whole = backend.vae_decode(latents)
+    for i in range(latents.shape[0]):
+        alone = backend.vae_decode(latents[i : i + 1])
+        if alone.shape[0] != 1 or not torch.equal(alone[0], whole[i]):
+            raise BackendContractError(f"frame {i} decoded alone differs from the whole-chunk decode")
+    backwards = backend.vae_decode(latents.flip(0))
+    if not torch.equal(backwards, whole.flip(0)):
+        raise BackendContractError("decoding frames in another order changes their bytes")
 
 
 class ToyStage0:

@@ -9,7 +9,11 @@ inputs (phase A) and decodes results (phase C):
   list and, iff the plan recomputes, ``context_frames`` per ``plan.context_source``;
 - ``anchor_ready(plan)``: whether ``chunk_inputs`` has what it needs now
   (R0a: the decoded anchor; every recompute: the latest latents);
-- ``record_latents(plan, latents_out)`` then ``decode(plan, latents_out)``.
+- ``record_latents(plan, latents_out)`` then ``decode(plan, latents_out)``,
+  or frame by frame with ``decode_frames`` (R0a anchor-first: the frame a
+  coming chunk's anchor needs, ``anchor_offsets(plan)``, before the others).
+  The backend's decode is frame-independent (``check_frame_independent_decode``),
+  so the bytes are the same in any order.
 
 ``decode`` runs the VAE outside the lock, so rank 0 may call it from a worker
 thread while the event loop builds the next envelope. A plan of a newer epoch
@@ -128,15 +132,46 @@ class StreamInputs:
 
     def decode(self, plan: ChunkPlan, latents_out: Tensor) -> Tensor:
         """VAE-decode ``latents_out`` -> ``[F, 3, H, W]`` uint8 and keep the newest frames."""
-        pixels = self.backend.vae_decode(latents_out)
+        return self.decode_frames(plan, latents_out, range(latents_out.shape[0]))
+
+    def decode_frames(self, plan: ChunkPlan, latents_out: Tensor, offsets) -> Tensor:
+        """Decode the frames at ``offsets`` (within the chunk) -> ``[n, 3, H, W]`` uint8.
+
+        Keeps them in the decoded-frame buffer in timeline order (a frame
+        decoded early is not evicted by frames before it decoded later).
+        """
+        offsets = list(offsets)
+        if not offsets:
+            return torch.empty((0,), dtype=torch.uint8)
+        whole = offsets == list(range(latents_out.shape[0]))
+        pixels = self.backend.vae_decode(latents_out if whole else latents_out[offsets])
         with self._lock:
             if not self._enter_epoch(plan):
-                return pixels
-            for i in range(pixels.shape[0]):
-                self._decoded[plan.current_start_frame + i] = pixels[i]
-            while len(self._decoded) > self.config.recompute.decoded_buffer_frames:
+                return pixels  # an epoch a forced cut ended: emitted, never an anchor
+            for i, off in enumerate(offsets):
+                self._decoded[plan.current_start_frame + off] = pixels[i]
+            if not whole:
+                self._decoded = OrderedDict(sorted(self._decoded.items()))
+            keep = self.config.recompute.decoded_buffer_frames
+            while len(self._decoded) > keep:
                 self._decoded.popitem(last=False)
         return pixels
+
+    def anchor_offsets(self, plan: ChunkPlan) -> tuple[int, ...]:
+        """Offsets of this chunk's frames that the very next R0a chunk takes as its anchor.
+
+        The anchor of a chunk starting at ``s`` is decoded frame ``s - decoded_buffer_frames``
+        (``Planner._context``), and the next chunk starts at ``end_frame``. Empty unless
+        the mode is R0a and that frame lies in this chunk (``decoded_buffer_frames <=
+        chunk_frames``); anchors of chunks further ahead are decoded long before they
+        are needed. A hard cut only makes the prediction unused.
+        """
+        if self.config.recompute.mode != "r0a":
+            return ()
+        anchor = plan.end_frame - self.config.recompute.decoded_buffer_frames
+        if plan.current_start_frame <= anchor < plan.end_frame:
+            return (anchor - plan.current_start_frame,)
+        return ()
 
     # -- internals ---------------------------------------------------------
     def _enter_epoch(self, plan: ChunkPlan) -> bool:

@@ -36,6 +36,7 @@ class ChunkEvents(msgspec.Struct, kw_only=True):
     queued: float = 0.0  # entered the decode queue (after ``received``: the put may wait)
     decode_start: float = 0.0
     decode_end: float = 0.0
+    decode_wait: float = 0.0  # inside the decode span, waiting for the next envelope to go out
     emitted: float = 0.0
     stage_durations: tuple[float, ...] = ()
     output_digest: str | None = None
@@ -43,7 +44,8 @@ class ChunkEvents(msgspec.Struct, kw_only=True):
 
     @property
     def s0(self) -> float:
-        return (self.build_end - self.build_start) + (self.decode_end - self.decode_start)
+        decode = self.decode_end - self.decode_start - self.decode_wait
+        return (self.build_end - self.build_start) + decode
 
     @property
     def s1(self) -> float:
@@ -63,6 +65,10 @@ class RunSummary(msgspec.Struct, kw_only=True):
     overlap_score: float
     dropped: dict[str, int]
     wall_s: float
+    # Rank 0's event-loop thread CPU per emitted chunk (plan, validate, frame,
+    # gate, log: the control plane), and as a share of the median period.
+    loop_cpu_ms_per_chunk: float = 0.0
+    loop_cpu_pct_of_period: float = 0.0
 
 
 class RunTotals(msgspec.Struct, kw_only=True):
@@ -150,6 +156,7 @@ def summarize(
     wall_s: float,
     warmup: int = 2,
     totals: RunTotals | None = None,
+    loop_cpu_s: float = 0.0,
 ) -> RunSummary:
     """Figures of a run. ``events`` may be only the recent ring: then ``totals``
     carries the counts and frames/s over the whole run, and the medians are
@@ -171,11 +178,13 @@ def summarize(
         for i in range(n_stages)
     )
     span = totals.last_emitted - totals.first_emitted if totals.emitted > 1 else 0.0
+    period_ms = 1e3 * median(periods) if periods else 0.0
+    cpu_ms = 1e3 * loop_cpu_s / totals.emitted if totals.emitted else 0.0
     return RunSummary(
         chunks_planned=totals.planned,
         chunks_emitted=totals.emitted,
         frames_per_s=(frames_per_chunk * (totals.emitted - 1) / span) if span > 0 else 0.0,
-        median_period_ms=1e3 * median(periods) if periods else 0.0,
+        median_period_ms=period_ms,
         median_s0_ms=1e3 * median([e.s0 for e in done]) if done else 0.0,
         median_s1_ms=1e3 * median([e.s1 for e in done]) if done else 0.0,
         stage_median_ms=stage_medians,
@@ -184,4 +193,6 @@ def summarize(
         overlap_score=overlap_score(events, warmup=warmup),
         dropped=dict(dropped),
         wall_s=wall_s,
+        loop_cpu_ms_per_chunk=cpu_ms,
+        loop_cpu_pct_of_period=100.0 * cpu_ms / period_ms if period_ms > 0 else 0.0,
     )

@@ -101,6 +101,8 @@ def summary_rows(
         ("per-stage median", ", ".join(f"s{i + 1} {v:.1f} ms" for i, v in enumerate(s["stage_median_ms"]))),
         ("queue maxima", f"in flight {s['max_in_flight']}, decode {s['max_decode_queue']}"),
         ("OverlapScore", f"{s['overlap_score']:.2f}"),
+        ("rank-0 loop CPU per chunk",
+         f"{s.get('loop_cpu_ms_per_chunk', 0.0):.2f} ms ({s.get('loop_cpu_pct_of_period', 0.0):.1f} % of the period)"),
         ("dropped", ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "none"),
     ]
     if check is not None:

@@ -58,10 +58,20 @@ class ServiceHost:
         self.started = time.monotonic()
         self.running = False
         self._runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics.watch(self.status)
 
-    # -- hooks the actor calls (event loop) ---------------------------------
+    # -- hooks the actor calls ------------------------------------------------
     def on_frames(self, plan: "ChunkPlan", pixels: "torch.Tensor") -> None:
+        """The actor's output sink. Rank 0 calls it from its decode worker thread
+        (the loop only orchestrates), so the frames hop onto the loop here: every
+        FrameHub and metrics object is owned by the loop. ``call_soon_threadsafe``
+        keeps the one decode thread's emission order."""
+        if self._loop is None:
+            return  # not started: nobody can watch yet
+        self._loop.call_soon_threadsafe(self._publish, plan, pixels)
+
+    def _publish(self, plan: "ChunkPlan", pixels: "torch.Tensor") -> None:
         self.last_plan = plan
         self.metrics.frames_emitted.inc(int(pixels.shape[0]))
         self.hub.publish(plan, pixels)
@@ -82,6 +92,7 @@ class ServiceHost:
         from ppstage.service.app import build_app
 
         self.actor = actor
+        self._loop = asyncio.get_running_loop()
         self.running = True
         self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
         await self._runner.setup()

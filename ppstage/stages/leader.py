@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import structlog
@@ -42,10 +41,12 @@ from ppstage.digests import tensor_digest
 from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step
 from ppstage.model.backend import GeneratorBackend
 from ppstage.model.loader import build_generator
+from ppstage.distributed.devices import MODEL_DEVICE
 from ppstage.distributed.topology import MeshComm, Role
 from ppstage.distributed.transport import Inbound, Transport
 from ppstage.stages.envelopes import error_result, hop, ok_result
 from ppstage.stages.mesh import MeshRelay
+from ppstage.stages.worker import StageWorker
 
 log = structlog.get_logger("ppstage.stage")
 
@@ -79,7 +80,9 @@ class StageLeader:
         self.role = role
         self.transport = transport
         self.model = build_stage_model(config, role, comm)
-        self.relay = MeshRelay(comm, role.rank, extra_collective=config.runtime.debug_extra_collective)
+        self.relay = MeshRelay(
+            comm, role.rank, extra_collective=config.runtime.debug_extra_collective, device=transport.device
+        )
         self.scheduler = FlowMatchScheduler.from_config(config)
         self.fatal = fatal
         self.first = role.is_first_stage
@@ -88,7 +91,7 @@ class StageLeader:
         self.upstream = transport.open_inbound(role.prev_rank)
         self.handback = transport.open_inbound(role.handback_src) if role.handback_src is not None else None
         self.next_rank = role.next_rank  # rank 0 for the last stage (results)
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"stage{role.stage}-worker")
+        self._worker = StageWorker(f"stage{role.stage}-worker", transport.device)
         self._call_cost_s = config.runtime.simulated_call_ms / 1e3 / role.num_stages
         self._idle_s = config.runtime.stage_idle_deadline_s
         self._drain_by: float | None = None
@@ -171,7 +174,7 @@ class StageLeader:
             y = await self._work(self._call, env, "recompute", -1, RECOMPUTE_TIMESTEP, x)
             if not self.last:
                 await self.transport.send(self.next_rank, hop(env, call_kind="recompute", step=-1, target="hidden", tensor=y), [y])
-        x_t = tensors["latents_in"]
+        x_t = tensors["latents_in"].to(MODEL_DEVICE)  # the scheduler step runs with the model
         upstream_reports: tuple[StageReport, ...] = ()
         for i, t in enumerate(steps):
             if not self.first:
@@ -227,14 +230,14 @@ class StageLeader:
         # The leader's own lifecycle check runs first: a plan it must refuse (an
         # illegal transition) is refused before any mesh collective is entered.
         cond = ordered[[s.name for s in env.tensors].index("conditioning_embeds")]
-        self.model.begin_chunk(env, cond)
+        self.model.begin_chunk(env, cond.to(MODEL_DEVICE))
         self.relay.publish(env, ordered)
 
     def _call(self, env: InferEnvelope, kind: str, step: int, timestep: float, x: torch.Tensor) -> torch.Tensor:
         if self.relay.active:
             target = "latent" if self.first else "hidden"
             self.relay.publish(hop(env, call_kind=kind, step=step, target=target, tensor=x), [x])
-        y = self.model.run_call(kind, timestep, x)  # type: ignore[arg-type]
+        y = self.model.run_call(kind, timestep, x.to(MODEL_DEVICE))  # type: ignore[arg-type]
         if self._call_cost_s:
             time.sleep(self._call_cost_s)  # simulated generator cost (config.runtime)
         return y
@@ -247,7 +250,7 @@ class StageLeader:
         return state
 
     async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        return await self._worker.run(fn, *args)
 
     # -- receiving with deadlines -----------------------------------------------
     async def _next(self, queue: asyncio.Queue[Inbound], what: str, chunk: ChunkId | None = None) -> Inbound:
@@ -326,12 +329,15 @@ class StageLeader:
 class MeshFollower:
     """A non-leader mesh rank: follows the leader's broadcasts in its worker thread."""
 
-    def __init__(self, config: PPStageConfig, role: Role, comm: MeshComm) -> None:
+    def __init__(
+        self, config: PPStageConfig, role: Role, comm: MeshComm, *, device: torch.device | str = "cpu"
+    ) -> None:
         self.config = config
         self.role = role
         self.model = build_stage_model(config, role, comm)
         self.relay = MeshRelay(
-            comm, role.leader_of(role.stage), extra_collective=config.runtime.debug_extra_collective
+            comm, role.leader_of(role.stage), extra_collective=config.runtime.debug_extra_collective,
+            device=device,
         )
         self.fault = fault_from_env()
         self.last_activity = time.monotonic()
@@ -347,12 +353,12 @@ class MeshFollower:
                 if isinstance(msg, InferEnvelope):
                     env = msg
                     steps = [int(t) for t in tensors["denoising_step_list"].tolist()]
-                    self.model.begin_chunk(env, tensors["conditioning_embeds"])
+                    self.model.begin_chunk(env, tensors["conditioning_embeds"].to(MODEL_DEVICE))
                 elif isinstance(msg, StageHop):
                     if env is None or (msg.cache_epoch, msg.call_id) != (env.cache_epoch, env.call_id):
                         raise UnexpectedMessage("mesh hop without its envelope", chunk=msg.id)
                     t = RECOMPUTE_TIMESTEP if msg.call_kind == "recompute" else float(steps[msg.step])
-                    y = self.model.run_call(msg.call_kind, t, next(iter(tensors.values())))
+                    y = self.model.run_call(msg.call_kind, t, next(iter(tensors.values())).to(MODEL_DEVICE))
                     if self.model.lifecycle.state.calls_made == env.expected_generator_calls:
                         state = self.model.end_chunk()
                         self.relay.recorder.chunk(env, self.role.stage, state, self.model.state_digest(), tensor_digest(y))

@@ -38,8 +38,11 @@ from ppstage.observability.recorder import current as current_recorder
 class MeshRelay:
     """Leader: ``publish``; followers: ``receive``. Buffers are created once."""
 
-    def __init__(self, comm: MeshComm, leader_rank: int, *, extra_collective: bool = False) -> None:
+    def __init__(
+        self, comm: MeshComm, leader_rank: int, *, extra_collective: bool = False, device: torch.device | str = "cpu"
+    ) -> None:
         self.comm = comm
+        self.device = torch.device(device)  # the mesh backend's: cuda on NCCL
         self.leader_rank = leader_rank
         # runtime.debug_extra_collective: one more all_reduce per chunk. It changes
         # the collective count, which is why the parity handshake compares it.
@@ -47,9 +50,9 @@ class MeshRelay:
         self._log = structlog.get_logger("ppstage.mesh").bind(
             rank=comm.role.rank, stage=comm.stage, group=f"mesh{comm.stage}"
         )
-        self._header = torch.empty(HEADER_SIZE, dtype=torch.uint8)
-        self._meta = torch.empty(MAX_META_BYTES, dtype=torch.uint8)
-        self._digest = torch.empty(32, dtype=torch.uint8)
+        self._header = torch.empty(HEADER_SIZE, dtype=torch.uint8, device=self.device)
+        self._meta = torch.empty(MAX_META_BYTES, dtype=torch.uint8, device=self.device)
+        self._digest = torch.empty(32, dtype=torch.uint8, device=self.device)
         self.recorder = current_recorder()  # message log + flight recorder of this process
         self._group_name = f"mesh{comm.stage}"
 
@@ -61,7 +64,7 @@ class MeshRelay:
         if not self.active:
             return
         chunk = msg.id
-        _, flats = prepare_tensors(msg.tensors, tensors, torch.device("cpu"), fill_digests=False, chunk=chunk)
+        _, flats = prepare_tensors(msg.tensors, tensors, self.device, fill_digests=False, chunk=chunk)
         head, meta = encode_frame(msg)
         t_ns = time.monotonic_ns()
         self._header.copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
@@ -76,15 +79,15 @@ class MeshRelay:
 
     def receive(self) -> tuple[WireMessage, dict[str, torch.Tensor]]:
         self.comm.broadcast(self._header, self.leader_rank)
-        head = bytes(self._header.numpy())
+        head = bytes(self._header.cpu().numpy())
         header = parse_header(head)
         view = self._meta[: header.meta_len]
         self.comm.broadcast(view, self.leader_rank)
-        msg = decode_metadata(header, head, bytes(view.numpy()))
+        msg = decode_metadata(header, head, bytes(view.cpu().numpy()))
         tensors: dict[str, torch.Tensor] = {}
         flats = []
         for spec in msg.tensors:
-            flat = torch.empty(spec.nbytes, dtype=torch.uint8)
+            flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=self.device)
             self.comm.broadcast(flat, self.leader_rank)
             tensors[spec.name] = rebuild(spec, flat)
             flats.append(flat)
@@ -101,9 +104,9 @@ class MeshRelay:
             return
         raw = bytes.fromhex(state_digest) + bytes.fromhex(output_digest)
         self._digest.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
-        gathered = [bytes(t.numpy()) for t in self.comm.all_gather(self._digest)]
+        gathered = [bytes(t.cpu().numpy()) for t in self.comm.all_gather(self._digest)]
         if self.extra_collective:
-            self.comm.all_reduce(torch.zeros(1))
+            self.comm.all_reduce(torch.zeros(1, device=self.device))
         ranks = self.comm.role.ranks_of(self.comm.stage)
         for what, part in (("lifecycle states", slice(0, 16)), ("call outputs", slice(16, 32))):
             values = [g[part].hex() for g in gathered]

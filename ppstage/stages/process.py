@@ -61,6 +61,7 @@ def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
     """Run this rank to completion and return its exit code (does not exit)."""
     import torch
 
+    from ppstage.distributed.devices import local_rank, resolve_device
     from ppstage.distributed.parity import parity_handshake
     from ppstage.distributed.supervision import restart_generation, watch_launcher
     from ppstage.distributed.topology import build_groups, role_for
@@ -72,6 +73,9 @@ def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
     structlog.contextvars.bind_contextvars(restart_generation=restart_generation())
     log = structlog.get_logger("ppstage.stages.process")
     watch_launcher(log)  # started before any rendezvous: a rank never outlives its launcher
+    device = resolve_device(config, local_rank(opts.rank))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: NCCL binds to it
     init_process_group(config, opts.rank, opts.world_size, opts.master_addr, opts.master_port)
     try:
         parity_handshake(config, role, None, opts.parity_extra)
@@ -84,20 +88,20 @@ def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
     log.info("started", world_size=opts.world_size, layers=role.layer_range, tp_rank=role.tp_rank)
 
     if role.stage > 0 and not role.is_leader:
-        return _run_follower(config, role, groups, log)
+        return _run_follower(config, role, groups, log, device)
 
     import uvloop
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_run_actor(config, role, groups, opts, log))
+        return loop.run_until_complete(_run_actor(config, role, groups, opts, log, device))
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
 
 
-async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
+async def _run_actor(config, role, groups, opts: RankOptions, log, device) -> int:
     from ppstage.stages.leader import StageLeader
     from ppstage.stages.stage0 import Stage0Actor
     from ppstage.distributed.topology import MeshComm
@@ -125,7 +129,7 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
             loop.call_later(FATAL_GRACE_S, _hard_exit, log, WatchdogExpired(reason))
 
     transport = Transport(
-        config, role, groups, loop=loop, geometry=config.wire_geometry(),
+        config, role, groups, loop=loop, device=device, geometry=config.wire_geometry(),
         on_fatal=on_fatal, on_terminal=on_terminal, recorder=recorder.current(),
     )
     if role.stage == 0:
@@ -186,12 +190,12 @@ def _hard_exit(log, exc: ChunkError) -> None:
     exit_process(EXIT_FAILED)
 
 
-def _run_follower(config, role, groups, log) -> int:
+def _run_follower(config, role, groups, log, device) -> int:
     """Non-leader mesh rank: the worker thread follows broadcasts; this thread watches it."""
     from ppstage.stages.leader import MeshFollower
     from ppstage.distributed.topology import MeshComm
 
-    follower = MeshFollower(config, role, MeshComm(role, groups))
+    follower = MeshFollower(config, role, MeshComm(role, groups), device=device)
     result: list[int] = []
     term = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: term.set())

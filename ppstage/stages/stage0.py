@@ -14,6 +14,14 @@ they are emitted in plan order. A re-base changes no epoch: it is only logged.
 
 Rank 0 also keeps a shadow ``CacheLifecycle`` fed the same plans in the same
 order as the stages: every stage's reported state digest must equal it.
+
+The event loop only orchestrates (plan, gate, credit, log, hand-offs). Model
+work and bulk bytes run in three worker threads: *build* (text encoder, the
+R0a anchor's VAE encode, tensor digests of the envelope), *decode* (VAE
+decode and the output sink) and *check* (the result's output digest, latents
+files). R0a anchor-first (``runtime.anchor_first_decode``): the decode worker
+decodes the frame a coming chunk's anchor needs, lets the producer build and
+send that chunk, then decodes the rest; the output is bytewise the same.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from ppstage.core.plan import ChunkPlan
 from ppstage.core.planner import Intent, Planner
 from ppstage.model.reference import StreamScript
 from ppstage.model.stream_inputs import StaleInputs, StreamInputs
+from ppstage.distributed.devices import HostStage
 from ppstage.distributed.topology import Role
 from ppstage.distributed.transport import Transport
 from ppstage.stages.envelopes import infer_envelope
@@ -67,6 +76,7 @@ from ppstage.stages.deadlines import ResultDeadline
 log = structlog.get_logger("ppstage.stage0")
 
 WATCHDOG_TICK_S = 0.25  # how often an owed result's deadline is re-checked
+INLINE_DIGEST_BYTES = 256 << 10  # larger results are hashed in the check worker, off the loop
 
 Sink = Callable[[ChunkPlan, torch.Tensor], None]
 
@@ -123,6 +133,11 @@ class Stage0Actor:
         self.deadline = ResultDeadline(minimum_s=rt.result_deadline_min_s, factor=rt.result_deadline_factor)
         self._decode_q: asyncio.Queue[tuple[ChunkPlan, torch.Tensor]] = asyncio.Queue(maxsize=rt.d_out)
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="stage0-decode")
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="stage0-build")
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="stage0-check")
+        self._anchor_first = rt.anchor_first_decode and config.recompute.mode == "r0a"
+        self._pending: ChunkPlan | None = None  # planned, not sent yet
+        self._host = HostStage(transport.device)
         self._progress = asyncio.Event()
         self._stopping = False
         self._plan_pending = False
@@ -187,6 +202,7 @@ class Stage0Actor:
         1, after an ``ERROR`` was sent down the chain (best effort, 2 s).
         """
         t_start = time.perf_counter()
+        cpu_start = time.thread_time()  # this thread is the loop: its CPU is the control plane
         tasks = [
             asyncio.ensure_future(self._receive()),
             asyncio.ensure_future(self._decode()),
@@ -213,7 +229,9 @@ class Stage0Actor:
         finally:
             for t in [producer, *tasks]:
                 t.cancel()
-            self._decoder.shutdown(wait=False, cancel_futures=True)
+            for pool in (self._decoder, self._builder, self._checker):
+                pool.shutdown(wait=False, cancel_futures=True)
+        loop_cpu_s = time.thread_time() - cpu_start
         for ev in self.ledger.unfinished():  # a failed run: the stream names what was lost
             self._record_final(ev)
         if self._stream is not None:
@@ -227,6 +245,7 @@ class Stage0Actor:
             max_decode_queue=self.max_decode_queue,
             dropped={**dict(self.gate.dropped), "flushed": self.flushed},
             wall_s=time.perf_counter() - t_start,
+            loop_cpu_s=loop_cpu_s,
         )
         return Stage0Outcome(code, summary, events, error)
 
@@ -242,6 +261,7 @@ class Stage0Actor:
     # -- phase A: plan, build, send ------------------------------------------------
     async def _produce(self) -> None:
         d_in = self.config.runtime.d_in
+        loop = asyncio.get_running_loop()
         # chunks=None: a service's stream, planned until SIGTERM / shutdown.
         for k in itertools.count() if self.chunks is None else range(self.chunks):
             if self._stopping:
@@ -251,10 +271,13 @@ class Stage0Actor:
             for intent in self.script.intents_at(k):
                 self.submit(intent)
             await self._wait(lambda: self.gate.in_flight() < d_in or self._stopping)
+            if self.config.runtime.sequential_schedule:  # the benchmarks' no-overlap baseline
+                await self._wait(lambda: self._idle() or self._stopping)
             if self._stopping:
                 break
             self._plan_pending = True
             plan = self.planner.next_chunk()
+            self._pending = plan
             if plan.init_cache and k > 0:
                 self._log.info("hard cut", forced=plan.forced_cut, **ids_of(plan))
             elif plan.rebased:
@@ -263,8 +286,7 @@ class Stage0Actor:
             ev = self.ledger.open(plan.chunk_index, plan.call_id, plan.cache_epoch)
             ev.build_start = time.perf_counter()
             build_ns = time.monotonic_ns()
-            inputs = self.stream.chunk_inputs(plan)
-            env, tensors = infer_envelope(plan, inputs)
+            env, tensors = await loop.run_in_executor(self._builder, self._build, plan)
             env = self._inject(env, tensors)
             ev.build_end = time.perf_counter()
             self.recorder.span("build", build_ns, plan)
@@ -275,8 +297,17 @@ class Stage0Actor:
             ev.sent = time.perf_counter()
             self._last_send = time.monotonic()
             self._plan_pending = False
+            self._pending = None
+            self._progress.set()  # an anchor-first decode may go on with the rest
             self.max_in_flight = max(self.max_in_flight, self.gate.in_flight())
             self._log.debug("envelope sent", dst=self.leader1, **ids_of(plan))
+
+    def _build(self, plan: ChunkPlan):
+        """Phase A's model work (build worker): inputs, then the envelope with its digests."""
+        return infer_envelope(plan, self.stream.chunk_inputs(plan))
+
+    def _idle(self) -> bool:
+        return not self.gate.in_flight() and self._decode_q.empty() and not self._decoding
 
     def _inject(self, env, tensors: list[torch.Tensor]):
         """Break-it faults on the send side (``ppstage/faults.py``); a no-op normally."""
@@ -317,6 +348,8 @@ class Stage0Actor:
             if not isinstance(msg, ChunkResult):
                 raise UnexpectedMessage(f"unexpected {action_of(msg)} on the result link", chunk=msg.id)
             latents = item.tensors.get("latents_out")
+            if latents is not None:
+                latents = self._host.to_host(latents)  # rank 0's decode path works on the host
             verdict = self.gate.admit(msg)
             self.recorder.gate(msg, verdict.reason)
             ev = self.ledger.get(msg.chunk_index)
@@ -329,7 +362,11 @@ class Stage0Actor:
                 self._progress.set()
                 continue
             assert latents is not None  # the gate refuses an ok result without it
-            self._check_result(msg, latents)
+            if latents.numel() * latents.element_size() > INLINE_DIGEST_BYTES:
+                digest = await asyncio.get_running_loop().run_in_executor(self._checker, tensor_digest, latents)
+            else:  # hashing a few KiB costs less than the hand-off to a worker and back
+                digest = tensor_digest(latents)
+            self._check_result(msg, digest)
             plan = self.plans.pop(msg.call_id)
             self._owed_since = time.monotonic()
             now = time.perf_counter()
@@ -342,7 +379,8 @@ class Stage0Actor:
                 ev.output_digest = msg.output_digest
             self.stream.record_latents(plan, latents)
             if self.latents_dir is not None:  # raw float32, for tolerance checks (tp > 1)
-                (self.latents_dir / f"chunk{plan.chunk_index}.f32").write_bytes(latents.numpy().tobytes())
+                path = self.latents_dir / f"chunk{plan.chunk_index}.f32"
+                self._checker.submit(path.write_bytes, latents.numpy().tobytes())
             self._progress.set()
             await self._decode_q.put((plan, latents))
             if ev is not None:
@@ -367,8 +405,8 @@ class Stage0Actor:
                     chunk=self.gate.oldest_owed(),
                 )
 
-    def _check_result(self, msg: ChunkResult, latents: torch.Tensor) -> None:
-        if tensor_digest(latents) != msg.output_digest:
+    def _check_result(self, msg: ChunkResult, latents_digest: str) -> None:
+        if latents_digest != msg.output_digest:
             raise DigestMismatch("latents_out does not match the output digest", chunk=msg.id)
         want = self.expected_digest.pop(msg.call_id)
         plan = self.plans[msg.call_id]
@@ -384,7 +422,6 @@ class Stage0Actor:
 
     async def _decode(self) -> None:
         loop = asyncio.get_running_loop()
-        cost_s = self.config.runtime.simulated_decode_ms / 1e3
         while True:
             plan, latents = await self._decode_q.get()
             ev = self.ledger.get(plan.chunk_index)
@@ -396,18 +433,27 @@ class Stage0Actor:
             ev.decode_start = time.perf_counter()
             decode_ns = time.monotonic_ns()
             try:
-                pixels = await loop.run_in_executor(self._decoder, self._decode_one, plan, latents, cost_s)
+                first = self.stream.anchor_offsets(plan) if self._anchor_first else ()
+                parts = [None]
+                if first:
+                    parts[0] = await loop.run_in_executor(self._decoder, self._decode_part, plan, latents, first)
+                    # The producer can build the chunk that needs this anchor now; let
+                    # it send before the rest of this chunk takes the decode worker.
+                    self._progress.set()
+                    waited = time.perf_counter()
+                    await self._wait(lambda: self._pending is None or not self._inputs_ready(self._pending))
+                    ev.decode_wait = time.perf_counter() - waited
+                rest = tuple(i for i in range(latents.shape[0]) if i not in first)
+                emitted = await loop.run_in_executor(self._decoder, self._decode_rest, plan, latents, first, rest, parts)
             except StaleInputs:
-                pixels = None
+                emitted = False
             finally:
                 self._decoding = False
             ev.decode_end = time.perf_counter()
             self.recorder.span("decode", decode_ns, plan)
-            if pixels is None or self.gate.is_stale(plan.cache_epoch):
+            if not emitted:
                 self._flush(ev)
                 continue
-            if self.sink is not None:
-                self.sink(plan, pixels)
             ev.emitted = time.perf_counter()
             self.ledger.finish(ev, "emitted")
             self.recorder.gate(plan, "emitted")
@@ -427,11 +473,35 @@ class Stage0Actor:
         self._stream.write(msgspec.json.encode(line) + b"\n")
         self._stream.flush()  # a reader (the demo's progress, a killed run's report) sees it now
 
-    def _decode_one(self, plan: ChunkPlan, latents: torch.Tensor, cost_s: float) -> torch.Tensor:
-        pixels = self.stream.decode(plan, latents)
+    def _decode_part(self, plan: ChunkPlan, latents: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor | None:
+        """Decode worker: the frames at ``offsets``; the simulated cost scales with their count."""
+        if not offsets:
+            return None
+        pixels = self.stream.decode_frames(plan, latents, offsets)
+        cost_s = self.config.runtime.simulated_decode_ms / 1e3 * len(offsets) / latents.shape[0]
         if cost_s:
             time.sleep(cost_s)  # simulated stage-0 cost (config.runtime.simulated_decode_ms)
         return pixels
+
+    def _decode_rest(self, plan: ChunkPlan, latents: torch.Tensor, first, rest, parts) -> bool:
+        """Decode worker: the frames not decoded yet, then emit (one hand-off for both)."""
+        parts = [*parts, self._decode_part(plan, latents, rest)]
+        return self._emit(plan, (first, rest), parts)
+
+    def _emit(self, plan: ChunkPlan, offsets, parts) -> bool:
+        """Decode worker: the chunk's pixels in frame order, to the sink, unless a cut made it stale."""
+        if self.gate.is_stale(plan.cache_epoch):
+            return False
+        parts = [(o, p) for o, p in zip(offsets, parts) if p is not None]
+        if len(parts) == 1:
+            pixels = parts[0][1]
+        else:
+            pixels = torch.empty((sum(len(o) for o, _ in parts), *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
+            for o, p in parts:
+                pixels[list(o)] = p
+        if self.sink is not None:
+            self.sink(plan, pixels)  # called in this worker thread, never on the loop
+        return True
 
     def _flush(self, ev: ChunkEvents) -> None:
         self.ledger.finish(ev, "flushed")
@@ -455,9 +525,7 @@ class Stage0Actor:
 
     async def _drain(self, tasks: list[asyncio.Future]) -> None:
         budget = self.config.runtime.drain_deadline_s
-        waiter = asyncio.ensure_future(
-            self._wait(lambda: not self.gate.in_flight() and self._decode_q.empty() and not self._decoding)
-        )
+        waiter = asyncio.ensure_future(self._wait(self._idle))
         try:
             await asyncio.wait_for(self._until(waiter, tasks), budget)
         except asyncio.TimeoutError:

@@ -1,7 +1,9 @@
 """Point-to-point messaging between stage leaders over ``torch.distributed``.
 
 A frame is ``header -> metadata -> tensors in spec order`` (``protocol.codec``),
-sent as three or more blocking sends on the 2-rank link group of the pair.
+sent as blocking sends on the 2-rank link group of the pair: one fixed-size
+preamble (header, metadata and, for a small frame, every tensor), then only
+what did not fit (``_frames.py`` has the layout and why).
 
 Threads
 -------
@@ -58,6 +60,7 @@ Failure model
 
 from ppstage.digests import byte_view, tensor_digest
 from ppstage.distributed.bootstrap import init_process_group
+from ppstage.distributed.transport._frames import FrameReader, FrameWriter, preamble_capacity
 from ppstage.distributed.transport._p2p import IDLE_WAIT, TERMINAL_ACTIONS, Inbound, Transport
 from ppstage.distributed.transport._tensors import (
     TORCH_DTYPE,
@@ -68,6 +71,8 @@ from ppstage.distributed.transport._tensors import (
 )
 
 __all__ = [
+    "FrameReader",
+    "FrameWriter",
     "IDLE_WAIT",
     "TERMINAL_ACTIONS",
     "TORCH_DTYPE",
@@ -77,6 +82,7 @@ __all__ = [
     "byte_view",
     "init_process_group",
     "make_spec",
+    "preamble_capacity",
     "prepare_tensors",
     "rebuild",
     "tensor_digest",

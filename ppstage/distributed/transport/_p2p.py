@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 from datetime import timedelta
+from functools import partial
 from typing import Any, Callable, NamedTuple, Sequence
 
 import msgspec
@@ -18,8 +19,6 @@ import torch
 import torch.distributed as dist
 
 from protocol import (
-    HEADER_SIZE,
-    MAX_META_BYTES,
     WIRE_TYPES,
     ChunkError,
     ChunkId,
@@ -38,7 +37,9 @@ from protocol import (
 
 from ppstage.config import PPStageConfig
 from ppstage.errors import ChannelDead
+from ppstage.distributed.devices import after_receive, before_send, comm_stream, on_stream
 from ppstage.distributed.topology import ProcessGroups, Role
+from ppstage.distributed.transport._frames import FrameReader, FrameWriter, preamble_capacity
 from ppstage.distributed.transport._tensors import make_spec, prepare_tensors, rebuild
 from ppstage.observability.recorder import current as current_recorder
 
@@ -88,8 +89,8 @@ class _LinkFailure(Exception):
 class _Outgoing(NamedTuple):
     dst: int
     group: Any
-    header: torch.Tensor
-    meta: torch.Tensor
+    header: bytes
+    meta: bytes
     payload: tuple[torch.Tensor, ...]
     msg: WireMessage
     future: asyncio.Future
@@ -256,28 +257,29 @@ class Transport:
             if fill_digests:
                 msg = msgspec.structs.replace(msg, tensors=specs)
             header, meta = encode_frame(msg)
-            header_t, meta_t = self._frame_tensor(header), self._frame_tensor(meta)
         except ProtocolError:
             raise
         except Exception as exc:  # e.g. a field of the wrong type trips validate()
             raise MetadataError(f"message cannot be framed: {exc!r}", chunk=chunk) from exc
         future = self._loop.create_future()
-        return _Outgoing(dst, group, header_t, meta_t, payload, msg, future)
-
-    def _frame_tensor(self, data: bytes) -> torch.Tensor:
-        t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return t if self.device.type == "cpu" else t.to(self.device)
+        return _Outgoing(dst, group, header, meta, payload, msg, future)
 
     # -- sender thread -----------------------------------------------------------
     def _send_loop(self) -> None:
         self._bind_device()
-        while True:
-            item = self._outbox.get()
-            if item is None:
-                return
-            self._send_one(item)
+        backend = self.config.topology.backend
+        # Owned by this thread: the preamble buffer is reused for every frame.
+        writer = FrameWriter(self.device, preamble_capacity(backend), exact=backend != "gloo")
+        stream = comm_stream(self.device)  # None on CPU
+        with on_stream(stream):
+            while True:
+                item = self._outbox.get()
+                if item is None:
+                    return
+                before_send(stream, item.payload)
+                self._send_one(writer, item)
 
-    def _send_one(self, item: _Outgoing) -> None:
+    def _send_one(self, writer: FrameWriter, item: _Outgoing) -> None:
         chunk = item.msg.id
         action = action_of(item.msg)
         if item.dst in self._dead:
@@ -286,18 +288,12 @@ class Transport:
         if action in TERMINAL_ACTIONS:
             # Set before the first byte: the peer may exit as soon as it has it.
             self._ending = True
-        header_sent = False
         t_ns = time.monotonic_ns()
         try:
-            dist.send(item.header, dst=item.dst, group=item.group)
-            header_sent = True
-            dist.send(item.meta, dst=item.dst, group=item.group)
-            for flat in item.payload:
-                if flat.numel():  # zero-byte tensors are implied by their spec
-                    dist.send(flat, dst=item.dst, group=item.group)
+            writer.send(item.header, item.meta, item.payload, partial(dist.send, dst=item.dst, group=item.group))
         except Exception as exc:
             self._dead.add(item.dst)
-            where = "after the header (the channel is half-framed)" if header_sent else "on the header"
+            where = "after the header (the channel is half-framed)" if writer.header_sent else "on the header"
             err = ChannelDead(f"{action} to rank {item.dst} failed {where}: {exc}", chunk=chunk)
             self.recorder.message("send", item.dst, _link_name(self.role.rank, item.dst), item.msg, error=str(err), t_ns=t_ns)
             self._settle(item.future, err)
@@ -310,33 +306,31 @@ class Transport:
     # -- receiver threads ----------------------------------------------------------
     def _receive_loop(self, src: int, group: Any, inbox: asyncio.Queue[Inbound]) -> None:
         self._bind_device()
-        # Allocated once per link; tensors are allocated per frame, from specs only.
-        header_buf = torch.zeros(HEADER_SIZE, dtype=torch.uint8, device=self.device)
-        meta_buf = torch.zeros(MAX_META_BYTES, dtype=torch.uint8, device=self.device)
+        stream = comm_stream(self.device)  # None on CPU
+        with on_stream(stream):
+            self._receive_frames(src, group, inbox, stream)
+
+    def _receive_frames(self, src: int, group: Any, inbox: asyncio.Queue[Inbound], stream) -> None:
+        reader = FrameReader(self.device, preamble_capacity(self.config.topology.backend))  # reused per link
+        idle = partial(self._recv, src=src, group=group, timeout=IDLE_WAIT)
+        framed = partial(self._recv, src=src, group=group, timeout=self._frame_timeout)
         while True:
             chunk: ChunkId | None = None
             waiting_for = "a header"
+
+            def on_tensor(spec) -> None:
+                nonlocal waiting_for
+                waiting_for = f"tensor {spec.name!r}"
+
             try:
-                # Zeroed first: a short (truncated) send leaves zeros, never stale
-                # bytes of an earlier frame, so it fails the checks below.
-                header_buf.zero_()
-                self._recv(header_buf, src, group, IDLE_WAIT)
-                head = _host_bytes(header_buf)
+                head = reader.receive_preamble(idle)
                 header = parse_header(head)
                 chunk = header.id
                 waiting_for = "metadata"
-                meta_view = meta_buf[: header.meta_len]
-                meta_view.zero_()
-                self._recv(meta_view, src, group, self._frame_timeout)
-                meta = _host_bytes(meta_view)
+                meta = reader.receive_meta(header.meta_len, framed)
                 msg = decode_metadata(header, head, meta)
-                flats: list[torch.Tensor] = []
-                for spec in msg.tensors:
-                    waiting_for = f"tensor {spec.name!r}"
-                    flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=self.device)
-                    if spec.nbytes:
-                        self._recv(flat, src, group, self._frame_timeout)
-                    flats.append(flat)
+                flats = reader.receive_tensors(head, header.meta_len, msg.tensors, framed, on_tensor)
+                after_receive(stream, flats)
                 received_ns = time.monotonic_ns()
                 received_at = received_ns / 1e9
             except _LinkFailure as failure:
@@ -374,7 +368,7 @@ class Transport:
             if not self._call_soon(inbox.put_nowait, Inbound(msg, tensors, error, received_at)):
                 return
 
-    def _recv(self, buf: torch.Tensor, src: int, group: Any, timeout: timedelta) -> None:
+    def _recv(self, buf: torch.Tensor, *, src: int, group: Any, timeout: timedelta) -> None:
         try:
             work = dist.irecv(buf, src=src, group=group)
             if work is None:
@@ -424,5 +418,3 @@ def _host_array(t: torch.Tensor):
     return (t if t.device.type == "cpu" else t.cpu()).numpy()
 
 
-def _host_bytes(t: torch.Tensor) -> bytes:
-    return _host_array(t).tobytes()

@@ -1,0 +1,107 @@
+"""Which device a rank's tensors live on, and the CUDA plumbing that is a no-op on CPU.
+
+``runtime.device`` (parity-checked) says where: ``auto`` = ``cpu`` on gloo and
+``cuda:<local rank>`` on NCCL; ``cuda`` = ``cuda:<local rank>``; ``cpu`` = CPU
+(refused with NCCL, which moves device memory only).
+
+Where they cross devices:
+
+- the transport's threads send and receive on the rank's device, each on a
+  CUDA stream of its own (``comm_stream``): a tensor made on the compute stream
+  is waited for before it is sent (``before_send``), and a received frame is
+  complete on its stream before the loop sees it (``after_receive``);
+- the embedded model runs on the CPU (``MODEL_DEVICE``): a leader moves inbound
+  tensors there in its worker thread, the transport moves outbound ones back;
+- rank 0 copies each result to the host through a pinned buffer (``HostStage``)
+  for its decode path and the output sink.
+
+On CPU every helper here returns its input or does nothing, so CPU runs (and
+the tests) go through the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+from ppstage.config import ConfigError, PPStageConfig
+
+MODEL_DEVICE = torch.device("cpu")  # the embedded model; a real backend chooses its own
+
+
+def local_rank(default: int) -> int:
+    """``LOCAL_RANK`` as torchrun (or ``ppstage demo``) sets it, else ``default``."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", default))
+    except ValueError:
+        return default
+
+
+def resolve_device(config: PPStageConfig, local: int) -> torch.device:
+    """The device of this rank's transport and buffers (see the module docstring)."""
+    want, backend = config.runtime.device, config.topology.backend
+    if want == "cpu" and backend == "nccl":
+        raise ConfigError("runtime.device = cpu cannot work with backend nccl (NCCL sends device memory)")
+    if want == "cuda" or (want == "auto" and backend == "nccl"):
+        if torch.cuda.is_available() and local >= torch.cuda.device_count():
+            # NCCL refuses two ranks of one communicator on one GPU: one GPU per rank.
+            raise ConfigError(f"local rank {local} needs cuda:{local}, this host has {torch.cuda.device_count()} GPU(s)")
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def comm_stream(device: torch.device) -> "torch.cuda.Stream | None":
+    """A CUDA stream for one communication thread; None on CPU."""
+    return torch.cuda.Stream(device=device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def on_stream(stream: "torch.cuda.Stream | None") -> Iterator[None]:
+    if stream is None:
+        yield
+    else:
+        with torch.cuda.stream(stream):
+            yield
+
+
+def before_send(stream: "torch.cuda.Stream | None", tensors) -> None:
+    """Order a send after the work that produced ``tensors`` on the compute stream."""
+    if stream is None:
+        return
+    stream.wait_stream(torch.cuda.default_stream(stream.device))
+    for t in tensors:
+        if t.device.type == "cuda":
+            t.record_stream(stream)  # the allocator must not reuse it before the send ends
+
+
+def after_receive(stream: "torch.cuda.Stream | None", tensors) -> None:
+    """Make received ``tensors`` safe to use on any stream before they leave the thread."""
+    if stream is None:
+        return
+    stream.synchronize()
+    compute = torch.cuda.default_stream(stream.device)
+    for t in tensors:
+        if t.device.type == "cuda":
+            t.record_stream(compute)
+
+
+class HostStage:
+    """Rank 0's copy of results to the host: through a pinned buffer on CUDA, a no-op on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pinned: dict[tuple[torch.dtype, tuple[int, ...]], torch.Tensor] = {}
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu":
+            return t
+        key = (t.dtype, tuple(t.shape))
+        buf = self._pinned.get(key)
+        if buf is None:
+            buf = self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()
+        return buf.clone()  # the pinned buffer is reused for the next result
