@@ -15,6 +15,8 @@ import msgspec
 
 from protocol import WireGeometry, digest_bytes
 
+from ppstage.faults.drills import FaultsConfig, check_sites
+
 RecomputeMode = Literal["r1", "r0a", "r0"]
 
 
@@ -149,6 +151,29 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ConfigError("keepalives must be more frequent than the stage idle deadline")
 
 
+class LivenessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Deadlines of named phases (SPEC section 7, B15/B16): rank 0's decode and
+    sink, a stage's generator call and mesh collective.
+
+    Steady deadline = ``max(phase_deadline_min_s, phase_deadline_factor x median)``
+    of recent durations of that phase. A cold chunk (the first of a run, the
+    first after a step-list or geometry change) gets ``warmup_deadline_s``
+    instead, for every phase and for hop waits and rank 0's result deadline.
+    Keep ``phase_deadline_min_s`` below ``runtime.result_deadline_min_s`` so the
+    rank that stalled names itself before rank 0's generic result deadline fires.
+    """
+
+    phase_deadline_min_s: float = 3.0
+    phase_deadline_factor: float = 10.0
+    warmup_deadline_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.phase_deadline_min_s > 0 or not self.warmup_deadline_s > 0:
+            raise ConfigError("liveness deadlines must be positive")
+        if self.phase_deadline_factor < 1:
+            raise ConfigError("liveness.phase_deadline_factor must be >= 1")
+
+
 class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
@@ -156,6 +181,8 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     denoise: DenoiseConfig = msgspec.field(default_factory=DenoiseConfig)
     topology: TopologyConfig = msgspec.field(default_factory=TopologyConfig)
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+    liveness: LivenessConfig = msgspec.field(default_factory=LivenessConfig)
+    faults: FaultsConfig = msgspec.field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         if self.recompute.context_frames > self.cache.max_context_frames:
@@ -170,6 +197,10 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         if self.topology.tp > 1 and self.model.heads % self.topology.tp:
             raise ConfigError("heads must divide evenly over the tp degree")
         self.layer_ranges()  # raises on a bad explicit split
+        t = self.topology
+        bad_drill = check_sites(self.faults, world_size=t.world_size, tp=t.tp, stages=t.stages)
+        if bad_drill is not None:
+            raise ConfigError(bad_drill)
 
     # -- derived -----------------------------------------------------------
     def layer_ranges(self) -> tuple[tuple[int, int], ...]:
@@ -213,6 +244,12 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         """TOML text that ``from_toml`` reads back into an equal config."""
         lines: list[str] = []
         for section, values in msgspec.to_builtins(self).items():
+            if section == "faults":  # an array of tables: one [[faults.drill]] per drill
+                for drill in values["drill"]:
+                    lines.append("[[faults.drill]]")
+                    lines += [f"{k} = {msgspec.json.encode(v).decode()}" for k, v in drill.items()]
+                    lines.append("")
+                continue
             lines.append(f"[{section}]")
             for key, value in values.items():
                 if value is not None:  # TOML has no null: an absent key takes its default (None)

@@ -47,3 +47,13 @@ class ChannelDead(ProtocolError):
 
 class WatchdogExpired(ProtocolError):
     """No message or result arrived within the liveness deadline."""
+
+
+class PhaseStalled(WatchdogExpired):
+    """A named phase on a named rank (decode, sink, generator call, hop wait,
+    mesh collective, drain) exceeded its deadline: that rank stopped making progress."""
+
+    def __init__(self, message: str, *, rank: int, phase: str, **ids: int | None) -> None:
+        super().__init__(message, **ids)
+        self.rank = rank
+        self.phase = phase

@@ -198,6 +198,11 @@ ALTERNATIVE = {
     "runtime.simulated_decode_ms": 1.0,
     "runtime.simulated_call_ms": 1.0,
     "runtime.debug_extra_collective": True,
+    "liveness.phase_deadline_min_s": 1.5,
+    "liveness.phase_deadline_factor": 4.0,
+    "liveness.warmup_deadline_s": 20.0,
+    # A drill is part of the digest, so it can never be active on one rank by accident.
+    "faults.drill": [{"kind": "stall_decode", "rank": 0, "chunk": 4, "ms": 0}],
 }
 
 

@@ -3,8 +3,10 @@
 Rank 0 registers every chunk plan it sends (``expect``) and passes every
 result it receives through ``admit``. A result is accepted only if it is of
 the current epoch, is the oldest outstanding call, is ok, reports the planned
-call count and carries ``latents_out``. Results of an older epoch and
-duplicates are *dropped* (counted, idempotent: the same stale result twice
+call count and carries ``latents_out``. An error result is checked first,
+whatever its ids or epoch: a stage that sent one has failed and is exiting,
+so its cause is the stream's cause (never hidden as "never planned" or
+dropped as stale). Results of an older epoch and duplicates are *dropped* (counted, idempotent: the same stale result twice
 changes nothing but the counter). Anything else raises a ``GateError``.
 Pure: no I/O, no clocks.
 """
@@ -92,6 +94,10 @@ class EpochGate:
         ids = dict(
             call_id=result.call_id, chunk_index=result.chunk_index, cache_epoch=result.cache_epoch
         )
+        if not result.ok:
+            # Terminal whatever the ids: the stage is gone. The head call stays
+            # outstanding, so nothing after it may be accepted either.
+            raise RemoteStageError(f"stage error: {result.error}", **ids)
         if result.cache_epoch < self._epoch:
             owed = self._outstanding.get(result.call_id)
             if owed is not None and owed.cache_epoch == result.cache_epoch:
@@ -113,8 +119,6 @@ class EpochGate:
             raise GateError(f"chunk_index differs from the plan's {head.chunk_index}", **ids)
         # A contract failure of the head call is terminal for the stream, so it
         # stays outstanding: nothing after it may be accepted either.
-        if not result.ok:
-            raise RemoteStageError(f"stage error: {result.error}", **ids)
         if result.observed_generator_calls != head.expected_generator_calls:
             raise CallCountMismatch(
                 f"observed {result.observed_generator_calls} generator calls, "

@@ -1,53 +1,165 @@
-"""Named fault injections for the break-it suite (SPEC section 11).
+"""Fault drills as config: deliberate faults for the break-it suite (SPEC section 11).
 
-A fault is chosen per process with the environment variable ``PPSTAGE_FAULT``
-(JSON, e.g. ``{"kind": "extra_generator_call", "chunk_index": 3}``) and fires
-once, at that chunk, on the rank(s) whose environment carries it. Production
-runs never set it; the hooks it drives cost one ``is None`` check per chunk.
+A drill is a ``[[faults.drill]]`` entry of the one parity-checked config::
 
-| kind | where | SPEC |
-|---|---|---|
-| ``extra_generator_call`` | a stage leader runs one denoise call more than planned | B2 |
-| ``tamper_envelope`` | rank 0 changes ``latents_in`` after its digest was taken | B5 |
-| ``perturb_start_frame`` | rank 0 sends ``current_start_frame + 1`` (its own plan unchanged) | B7 |
-| ``stall_generator_call`` | a stage leader's worker hangs in a generator call (a stuck kernel) | §7 |
-| ``reset_cache_one_rank`` | after the chunk, one rank zeroes its KV cache and indices, telling no one | B6 |
-| ``no_keepalives`` | rank 0 sends no NOOPs at all (``chunk_index`` unused) | B12's control |
+    [[faults.drill]]
+    kind = "stall_decode"   # one of DrillKind
+    rank = 0                # the rank that misbehaves
+    chunk = 4               # the chunk_index at which it fires (once)
+    ms = 0                  # duration, for kinds that take one (0 = "forever")
+
+Because drills live in the config, they are part of the start-up parity digest:
+a drill can never be active on one rank by accident (every rank must carry the
+same list, and each entry names the one rank that acts on it). Production
+configs carry none; the hooks cost one dict lookup per chunk.
+
+| kind | who | what | SPEC |
+|---|---|---|---|
+| ``delay_result`` | last stage leader | sleeps ``ms`` before sending the chunk's result | B8 |
+| ``extra_generator_call`` | stage leader | runs one denoise call more than planned | B2 |
+| ``skip_generator_call`` | stage leader | skips the call of step 1 (reuses step 0's output) | B2 |
+| ``perturb_start_frame`` | rank 0 | sends ``current_start_frame + 1`` (its own plan unchanged) | B7 |
+| ``reset_cache_one_rank`` | generator rank | after the chunk, zeroes its KV cache telling no one | B6 |
+| ``wrong_group_collective`` | stage leader | issues a collective on another stage's mesh group | B10 |
+| ``corrupt_envelope`` | rank 0 | changes ``latents_in`` after its digest was taken | B5 |
+| ``unknown_version_envelope`` | rank 0 | sends the envelope with header version 99 | B5 |
+| ``drop_context_override`` | rank 0 | drops ``context_frames_override`` after validation (R0a/R0 recompute chunk) | B3 |
+| ``wrong_type_field`` | rank 0 | puts a float in ``current_start_frame`` | B18 |
+| ``payload_length_lie`` | rank 0 | declares ``latents_in`` one element longer than the tensor | B19 |
+| ``exit_rank`` | any rank | ``os._exit(1)`` at the chunk | B11 |
+| ``stall_generator_call`` | stage leader | the worker hangs ``ms`` (0: an hour) in the final call | B15 |
+| ``stall_decode`` | rank 0 | the decode of the chunk hangs ``ms`` (0: an hour) | B15/B16 |
+| ``no_keepalives`` | rank 0 | sends no NOOPs at all (``chunk`` unused) | B12's control |
+
+``PPSTAGE_FAULT`` (the environment variable of earlier builds) is gone: a
+per-process variable is exactly the "active on one rank by accident" hazard.
 """
 
 from __future__ import annotations
 
-import os
+import time
 from typing import Literal
 
 import msgspec
 
-ENV_VAR = "PPSTAGE_FAULT"
+DrillKind = Literal[
+    "delay_result",
+    "extra_generator_call",
+    "skip_generator_call",
+    "perturb_start_frame",
+    "reset_cache_one_rank",
+    "wrong_group_collective",
+    "corrupt_envelope",
+    "unknown_version_envelope",
+    "drop_context_override",
+    "wrong_type_field",
+    "payload_length_lie",
+    "exit_rank",
+    "stall_generator_call",
+    "stall_decode",
+    "no_keepalives",
+]
+
+# Where each kind can act: "rank0", "leader" (a stage leader), "last_leader",
+# "generator" (any stage rank) or "any". Checked against the topology by
+# ``PPStageConfig`` so a drill on a rank that cannot act on it is refused.
+DRILL_SITE: dict[str, str] = {
+    "delay_result": "last_leader",
+    "extra_generator_call": "leader",
+    "skip_generator_call": "leader",
+    "perturb_start_frame": "rank0",
+    "reset_cache_one_rank": "generator",
+    "wrong_group_collective": "leader",
+    "corrupt_envelope": "rank0",
+    "unknown_version_envelope": "rank0",
+    "drop_context_override": "rank0",
+    "wrong_type_field": "rank0",
+    "payload_length_lie": "rank0",
+    "exit_rank": "any",
+    "stall_generator_call": "leader",
+    "stall_decode": "rank0",
+    "no_keepalives": "rank0",
+}
+
+FOREVER_S = 3600.0  # a stall of ms = 0: only a deadline can end it
 
 
-class Fault(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    kind: Literal[
-        "extra_generator_call",
-        "tamper_envelope",
-        "perturb_start_frame",
-        "stall_generator_call",
-        "reset_cache_one_rank",
-        "no_keepalives",
-    ]
-    chunk_index: int
+class Drill(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One fault drill (see the module docstring)."""
 
-    def fires(self, kind: str, chunk_index: int) -> bool:
-        return self.kind == kind and self.chunk_index == chunk_index
+    kind: DrillKind
+    rank: int
+    chunk: int = 0
+    ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"drill {self.kind}: rank must be >= 0, got {self.rank}")
+        if self.chunk < 0:
+            raise ValueError(f"drill {self.kind}: chunk must be >= 0, got {self.chunk}")
+        if not 0.0 <= self.ms <= FOREVER_S * 1e3:
+            raise ValueError(f"drill {self.kind}: ms must be in [0, {FOREVER_S * 1e3:.0f}], got {self.ms}")
+        if self.kind == "delay_result" and self.ms <= 0:
+            raise ValueError("drill delay_result needs ms > 0")
+
+    @property
+    def seconds(self) -> float:
+        """The drill's duration; 0 ms means "forever" (an hour) for the stall kinds."""
+        return self.ms / 1e3 if self.ms > 0 else FOREVER_S
 
 
-def fault_from_env() -> Fault | None:
-    raw = os.environ.get(ENV_VAR)
-    if not raw:
-        return None
-    try:
-        return msgspec.json.decode(raw, type=Fault)
-    except msgspec.DecodeError as exc:
-        raise ValueError(f"{ENV_VAR}={raw!r} is not a fault: {exc}") from exc
+class FaultsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The ``[faults]`` section: a list of ``[[faults.drill]]`` entries (none by default)."""
+
+    drill: tuple[Drill, ...] = ()
+
+
+class RankDrills:
+    """The drills one rank acts on, looked up by ``(kind, chunk)``."""
+
+    def __init__(self, faults: FaultsConfig, rank: int) -> None:
+        self.rank = rank
+        self._by_key = {(d.kind, d.chunk): d for d in faults.drill if d.rank == rank}
+        self._kinds = {d.kind for d in faults.drill if d.rank == rank}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_key)
+
+    def fires(self, kind: str, chunk_index: int) -> Drill | None:
+        """The drill of ``kind`` at ``chunk_index`` for this rank, if any."""
+        if not self._by_key:
+            return None
+        return self._by_key.get((kind, chunk_index))
+
+    def has(self, kind: str) -> bool:
+        """Whether this rank carries a drill of ``kind`` at any chunk."""
+        return kind in self._kinds
+
+
+def check_sites(faults: FaultsConfig, *, world_size: int, tp: int, stages: int) -> str | None:
+    """Why a drill cannot act where it is placed, or None when all can."""
+    last_leader = 1 + (stages - 1) * tp
+    for d in faults.drill:
+        if d.rank >= world_size:
+            return f"drill {d.kind} names rank {d.rank}, the world has {world_size} ranks"
+        site = DRILL_SITE[d.kind]
+        ok = {
+            "any": True,
+            "rank0": d.rank == 0,
+            "generator": d.rank > 0,
+            "leader": d.rank > 0 and (d.rank - 1) % tp == 0,
+            "last_leader": d.rank == last_leader,
+        }[site]
+        if not ok:
+            where = {"rank0": "rank 0", "generator": "a generator rank", "leader": "a stage leader",
+                     "last_leader": f"the last stage leader (rank {last_leader})"}[site]
+            return f"drill {d.kind} acts on {where}, not on rank {d.rank}"
+    return None
+
+
+def stall(drill: Drill) -> None:
+    """Block the calling thread for the drill's duration (a stuck kernel or decode)."""
+    time.sleep(drill.seconds)
 
 
 def out_of_band_reset(model) -> None:

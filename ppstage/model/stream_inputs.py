@@ -129,7 +129,9 @@ class StreamInputs:
         with self._lock:
             self._enter_epoch(plan)
             for i in range(pixels.shape[0]):
-                self._decoded[plan.current_start_frame + i] = pixels[i]
+                # A copy: the sink gets `pixels` and may edit them in place; the
+                # R0a anchor must stay what was decoded.
+                self._decoded[plan.current_start_frame + i] = pixels[i].clone()
             while len(self._decoded) > self.config.recompute.decoded_buffer_frames:
                 self._decoded.popitem(last=False)
         return pixels

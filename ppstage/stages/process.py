@@ -174,8 +174,11 @@ def _run_follower(config, role, groups, log) -> int:
         if drain_by is not None and time.monotonic() > drain_by:
             log.error("sigterm: no SHUTDOWN from the leader within the drain deadline")
             return EXIT_FAILED
-        if time.monotonic() - follower.last_activity > deadline:
-            log.error("watchdog: no broadcast from the stage leader", deadline_s=deadline)
+        limit = max(deadline, config.liveness.warmup_deadline_s) if follower.cold else deadline
+        if time.monotonic() - follower.last_activity > limit:
+            leader = role.leader_of(role.stage)
+            log.error(f"rank {leader} stopped making progress: rank {role.rank} (stage {role.stage} mesh) "
+                      f"got no broadcast from its leader for {limit:.1f} s", deadline_s=limit, phase="mesh collective")
             return EXIT_FAILED
     return result[0] if result else EXIT_FAILED
 

@@ -38,8 +38,9 @@ from protocol import (
 )
 
 from ppstage.config import PPStageConfig
-from ppstage.errors import StateDivergence, WatchdogExpired
-from ppstage.faults.drills import fault_from_env
+from ppstage.errors import PhaseStalled, StateDivergence, WatchdogExpired
+from ppstage.faults.drills import RankDrills, stall
+from ppstage.faults.inject import exit_if_drilled, rank0_envelope_drill
 from ppstage.core.gate import EpochGate
 from ppstage.core.lifecycle import CacheLifecycle
 from ppstage.observability.logs import ids_of
@@ -53,7 +54,7 @@ from ppstage.distributed.topology import Role
 from ppstage.distributed.transport import Transport
 from ppstage.stages.envelopes import infer_envelope
 from ppstage.observability.metrics import ChunkEvents, RunSummary, summarize
-from ppstage.stages.deadlines import ResultDeadline
+from ppstage.stages.deadlines import PhaseDeadline, ResultDeadline, Running, WarmupTracker
 
 log = structlog.get_logger("ppstage.stage0")
 
@@ -95,7 +96,7 @@ class Stage0Actor:
         self.progress = progress
         self.latents_dir = latents_dir
         self.pause_before = pause_before or {}
-        self.fault = fault_from_env()
+        self.drills = RankDrills(config.faults, role.rank)
         self.planner = Planner(config)
         self.gate = EpochGate()
         self.stream = StreamInputs(config)
@@ -106,7 +107,22 @@ class Stage0Actor:
         self.leader1 = role.leader_of(1)
         self.results = transport.open_inbound(role.leader_of(role.num_stages))
         rt = config.runtime
-        self.deadline = ResultDeadline(minimum_s=rt.result_deadline_min_s, factor=rt.result_deadline_factor)
+        lv = config.liveness
+        # A cold chunk's result may take the warm-up deadline plus the steady floor:
+        # the stage that is warming up (or stuck) names itself first.
+        self.deadline = ResultDeadline(
+            minimum_s=rt.result_deadline_min_s, factor=rt.result_deadline_factor,
+            warmup_s=lv.warmup_deadline_s + rt.result_deadline_min_s,
+        )
+        self._phase_deadlines = {
+            name: PhaseDeadline(name, minimum_s=lv.phase_deadline_min_s, factor=lv.phase_deadline_factor,
+                                warmup_s=lv.warmup_deadline_s)
+            for name in ("decode", "sink")
+        }
+        self._warmup = WarmupTracker()
+        self._cold: set[int] = set()  # chunk indices planned cold, until their result arrives
+        self._cold_decode: set[int] = set()  # ... and until their decode and sink are done
+        self._running: Running | None = None  # rank 0's decode or sink in progress
         self._decode_q: asyncio.Queue[tuple[ChunkPlan, torch.Tensor]] = asyncio.Queue(maxsize=rt.d_out)
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="stage0-decode")
         self._progress = asyncio.Event()
@@ -142,6 +158,7 @@ class Stage0Actor:
             asyncio.ensure_future(self._receive()),
             asyncio.ensure_future(self._decode()),
             asyncio.ensure_future(self._keepalive()),
+            asyncio.ensure_future(self._watch_phases()),
         ]
         producer = asyncio.ensure_future(self._produce())
         try:
@@ -198,36 +215,31 @@ class Stage0Actor:
                 break
             self._plan_pending = True
             plan = self.planner.next_chunk()
+            if self._warmup.enter((plan.denoising_step_list, plan.num_frames)):
+                self._cold.add(plan.chunk_index)
+                self._cold_decode.add(plan.chunk_index)
             if plan.init_cache and k > 0:
                 self._log.info("hard cut", forced=plan.forced_cut, **ids_of(plan))
             await self._wait(lambda: self._inputs_ready(plan))
+            exit_if_drilled(self.drills, plan.chunk_index, 0)
             ev = ChunkEvents(chunk_index=plan.chunk_index, call_id=plan.call_id, cache_epoch=plan.cache_epoch)
             self.events[plan.chunk_index] = ev
             ev.build_start = time.perf_counter()
             inputs = self.stream.chunk_inputs(plan)
             env, tensors = infer_envelope(plan, inputs)
-            env = self._inject(env, tensors)
+            rewrite = None
+            if self.drills:
+                env, tensors, rewrite = rank0_envelope_drill(self.drills, env, tensors)
             ev.build_end = time.perf_counter()
             if not self.gate.in_flight():
                 self._owed_since = time.monotonic()  # a result is owed from now on
             self._expect(plan)
-            await self.transport.send(self.leader1, env, tensors)
+            await self.transport.send(self.leader1, env, tensors, drill_frame=rewrite)
             ev.sent = time.perf_counter()
             self._last_send = time.monotonic()
             self._plan_pending = False
             self.max_in_flight = max(self.max_in_flight, self.gate.in_flight())
             self._log.debug("envelope sent", dst=self.leader1, **ids_of(plan))
-
-    def _inject(self, env, tensors: list[torch.Tensor]):
-        """Break-it faults on the send side (``ppstage/faults.py``); a no-op normally."""
-        fault = self.fault
-        if fault is None:
-            return env
-        if fault.fires("tamper_envelope", env.chunk_index):
-            tensors[0].add_(1.0)  # after the spec's digest was taken: the receiver must notice
-        if fault.fires("perturb_start_frame", env.chunk_index):
-            env = msgspec.structs.replace(env, current_start_frame=env.current_start_frame + 1)
-        return env
 
     def _inputs_ready(self, plan: ChunkPlan) -> bool:
         # A plan of a new epoch needs nothing from the old one; otherwise the
@@ -258,7 +270,10 @@ class Stage0Actor:
             latents = item.tensors.get("latents_out")
             verdict = self.gate.admit(msg)
             ev = self.events.get(msg.chunk_index)
+            cold = msg.chunk_index in self._cold
+            self._cold.discard(msg.chunk_index)
             if not verdict.accepted:
+                self._cold_decode.discard(msg.chunk_index)
                 self._log.info("result dropped", reason=verdict.reason, **ids_of(msg))
                 self.plans.pop(msg.call_id, None)  # a stale plan is never accepted later
                 self.expected_digest.pop(msg.call_id, None)
@@ -271,7 +286,7 @@ class Stage0Actor:
             plan = self.plans.pop(msg.call_id)
             self._owed_since = time.monotonic()
             now = time.perf_counter()
-            if self._last_result_t is not None:
+            if self._last_result_t is not None and not cold:
                 self.deadline.observe(now - self._last_result_t)
             self._last_result_t = now
             if ev is not None:
@@ -298,10 +313,13 @@ class Stage0Actor:
                 return await asyncio.wait_for(self.results.get(), WATCHDOG_TICK_S)
             except asyncio.TimeoutError:
                 pass
-            deadline = self.deadline.deadline_s()
+            deadline = self.deadline.deadline_s(cold=bool(self._cold))
             if self.gate.in_flight() and time.monotonic() - self._owed_since > deadline:
-                raise WatchdogExpired(
-                    f"no result within {deadline:.1f}s with {self.gate.in_flight()} chunk(s) in flight"
+                last = self.role.leader_of(self.role.num_stages)
+                raise PhaseStalled(
+                    f"rank 0 got no result from the pipeline (last stage leader rank {last}) within "
+                    f"{deadline:.1f} s with {self.gate.in_flight()} chunk(s) in flight",
+                    rank=last, phase="result",
                 )
 
     def _check_result(self, msg: ChunkResult, latents: torch.Tensor) -> None:
@@ -320,40 +338,74 @@ class Stage0Actor:
             raise ProtocolError(f"{len(msg.stages)} stage reports, expected {self.role.num_stages}", **ids_of(msg))
 
     async def _decode(self) -> None:
-        loop = asyncio.get_running_loop()
         cost_s = self.config.runtime.simulated_decode_ms / 1e3
         while True:
             plan, latents = await self._decode_q.get()
-            ev = self.events[plan.chunk_index]
-            if plan.cache_epoch < self.gate.epoch:
-                self._flush(ev)
-                continue
-            self._decoding = True
+            try:
+                await self._decode_and_emit(plan, latents, cost_s)
+            finally:
+                self._cold_decode.discard(plan.chunk_index)
+
+    async def _decode_and_emit(self, plan: ChunkPlan, latents: torch.Tensor, cost_s: float) -> None:
+        ev = self.events[plan.chunk_index]
+        if plan.cache_epoch < self.gate.epoch:
+            self._flush(ev)
+            return
+        self._decoding = True  # until emitted: the drain waits for decode and sink
+        try:
             ev.decode_start = time.perf_counter()
             try:
-                pixels = await loop.run_in_executor(self._decoder, self._decode_one, plan, latents, cost_s)
+                pixels = await self._phase("decode", plan, self._decode_one, plan, latents, cost_s)
             except StaleInputs:
                 pixels = None
-            finally:
-                self._decoding = False
             ev.decode_end = time.perf_counter()
             if pixels is None or plan.cache_epoch < self.gate.epoch:
                 self._flush(ev)
-                continue
-            if self.sink is not None:
-                self.sink(plan, pixels)
-            ev.emitted = time.perf_counter()
-            ev.outcome = "emitted"
-            self._log.debug("chunk emitted", **ids_of(plan))
-            if self.progress is not None:
-                self.progress(ev)
-            self._progress.set()
+                return
+            if self.sink is not None:  # in the decode thread, under its own deadline
+                await self._phase("sink", plan, self.sink, plan, pixels)
+        finally:
+            self._decoding = False
+        ev.emitted = time.perf_counter()
+        ev.outcome = "emitted"
+        self._log.debug("chunk emitted", **ids_of(plan))
+        if self.progress is not None:
+            self.progress(ev)
+        self._progress.set()
 
     def _decode_one(self, plan: ChunkPlan, latents: torch.Tensor, cost_s: float) -> torch.Tensor:
         pixels = self.stream.decode(plan, latents)
         if cost_s:
             time.sleep(cost_s)  # simulated stage-0 cost (config.runtime.simulated_decode_ms)
+        drill = self.drills.fires("stall_decode", plan.chunk_index)
+        if drill is not None:
+            stall(drill)  # a hung VAE kernel: only the decode deadline can end this
         return pixels
+
+    async def _phase(self, name: str, plan: ChunkPlan, fn: Callable, *args):
+        """Run ``fn`` in the decode thread as phase ``name``, watched by ``_watch_phases``."""
+        cold = plan.chunk_index in self._cold_decode
+        deadline = self._phase_deadlines[name]
+        t0 = time.monotonic()
+        self._running = Running(name, plan.chunk_index, t0, deadline.deadline_s(cold=cold))
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
+        finally:
+            self._running = None
+        deadline.observe(time.monotonic() - t0, cold=cold)
+        return out
+
+    async def _watch_phases(self) -> None:
+        """Fail, naming rank 0's phase and chunk, when a decode or sink exceeds its deadline."""
+        while True:
+            await asyncio.sleep(WATCHDOG_TICK_S)
+            running = self._running
+            if running is not None and running.overdue(time.monotonic()):
+                raise PhaseStalled(
+                    f"rank 0 {running.phase} of chunk {running.chunk_index} exceeded "
+                    f"{running.deadline_s:.1f} s",
+                    rank=0, phase=running.phase, chunk_index=running.chunk_index,
+                )
 
     def _flush(self, ev: ChunkEvents) -> None:
         ev.outcome = "flushed"
@@ -368,7 +420,7 @@ class Stage0Actor:
             await asyncio.sleep(interval / 4)
             if self._plan_pending or time.monotonic() - self._last_send < interval:
                 continue
-            if self.fault is not None and self.fault.kind == "no_keepalives":
+            if self.drills.has("no_keepalives"):
                 continue  # the control case of the keepalive test: the stages' watchdogs must fire
             ids = self.planner.control_ids()
             await self.transport.send(self.leader1, NoopEnvelope(**ids_of(ids)), [])
@@ -394,8 +446,8 @@ class Stage0Actor:
                 self.transport.send(self.leader1, ErrorEnvelope(reason=reason, origin_rank=0, **ids_of(ids)), []),
                 timeout=2.0,
             )
-        except Exception:  # the chain may already be gone; the error was logged
-            pass
+        except Exception as exc:  # the chain may already be gone; the cause was logged above
+            self._log.warning("could not send ERROR down the chain", error=f"{type(exc).__name__}: {exc}")
 
     async def _wait(self, cond: Callable[[], bool]) -> None:
         while not cond():

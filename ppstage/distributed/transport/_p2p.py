@@ -37,7 +37,7 @@ from protocol import (
 from ppstage.config import PPStageConfig
 from ppstage.errors import ChannelDead
 from ppstage.distributed.topology import ProcessGroups, Role
-from ppstage.distributed.transport._tensors import make_spec, prepare_tensors, rebuild
+from ppstage.distributed.transport._tensors import frame_limit_bytes, make_spec, prepare_tensors, rebuild
 
 # After either of these goes out or comes in, the stream is ending by protocol:
 # peers are about to exit, so an idle link closing is expected, not fatal.
@@ -158,6 +158,12 @@ class Transport:
         self._inbound: dict[int, asyncio.Queue[Inbound]] = {}
         self._dead: set[int] = set()  # destinations whose channel is poisoned
         self._closed = False
+        # Guards ``_closed`` + queueing: a send racing ``close`` is either queued
+        # before the sentinel (and goes out) or refused; it never waits forever.
+        self._close_lock = threading.Lock()
+        # The largest frame this geometry allows; a header announcing more is
+        # refused before any receive buffer is allocated.
+        self._max_frame_bytes = frame_limit_bytes(geometry)
         self._ending = False  # a terminal action went out or came in
         self._log = structlog.get_logger("ppstage.distributed.transport").bind(rank=role.rank, stage=role.stage)
         self._sender = threading.Thread(
@@ -196,6 +202,7 @@ class Transport:
         tensors: Sequence[torch.Tensor] = (),
         *,
         fill_digests: bool = False,
+        drill_frame: Callable[[bytes], bytes] | None = None,
     ) -> None:
         """Send ``msg`` and its tensors (in spec order) to ``dst_rank``.
 
@@ -210,9 +217,16 @@ class Transport:
         NCCL: enqueued on the stream). A failure at that point raises
         ``ChannelDead`` here and also reports it through ``on_fatal``.
         Cancelling the await does not withdraw a queued frame.
+
+        ``drill_frame`` is for fault drills only (``ppstage.faults``): ``validate``
+        is skipped and the encoded header is passed through it, so that a
+        receiver can be tested with a frame its sender would have refused.
         """
-        item = self._preflight(dst_rank, msg, tensors, fill_digests)
-        self._outbox.put(item)
+        item = self._preflight(dst_rank, msg, tensors, fill_digests, drill_frame)
+        with self._close_lock:
+            if self._closed:
+                raise ChannelDead(f"transport closed: send to rank {dst_rank} refused", **_ids(msg))
+            self._outbox.put(item)
         await item.future
 
     def close(self) -> None:
@@ -224,10 +238,11 @@ class Transport:
         exit ends. Do not call ``torch.distributed.destroy_process_group`` while
         they are blocked (gloo aborts the process); just exit.
         """
-        if self._closed:
-            return
-        self._closed = True
-        self._outbox.put(None)
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._outbox.put(None)
 
     @property
     def closed(self) -> bool:
@@ -235,7 +250,12 @@ class Transport:
 
     # -- preflight (caller's thread) ---------------------------------------------
     def _preflight(
-        self, dst: int, msg: WireMessage, tensors: Sequence[torch.Tensor], fill_digests: bool
+        self,
+        dst: int,
+        msg: WireMessage,
+        tensors: Sequence[torch.Tensor],
+        fill_digests: bool,
+        drill_frame: Callable[[bytes], bytes] | None = None,
     ) -> _Outgoing:
         ids = _ids(msg)
         if self._closed:
@@ -246,14 +266,16 @@ class Transport:
         try:
             if not isinstance(msg, WIRE_TYPES):
                 raise MetadataError(f"{type(msg).__name__} is not a wire message", **ids)
-            if action_of(msg) != "HELLO":
+            if action_of(msg) != "HELLO" and drill_frame is None:
                 validate(msg, self.geometry)
             specs, payload = prepare_tensors(
                 msg.tensors, tensors, self.device, fill_digests=fill_digests, ids=ids
             )
             if fill_digests:
                 msg = msgspec.structs.replace(msg, tensors=specs)
-            header, meta = encode_frame(msg)
+            header, meta = encode_frame(msg)  # also decodes meta back strictly: exact field types
+            if drill_frame is not None:
+                header = drill_frame(header)
             header_t, meta_t = self._frame_tensor(header), self._frame_tensor(meta)
         except ProtocolError:
             raise
@@ -272,6 +294,8 @@ class Transport:
         while True:
             item = self._outbox.get()
             if item is None:
+                # ``close`` queued the sentinel under the lock, after which no
+                # send can queue: nothing is left behind unsettled.
                 return
             self._send_one(item)
 
@@ -326,10 +350,20 @@ class Transport:
                 meta_view.zero_()
                 self._recv(meta_view, src, group, self._frame_timeout)
                 msg = decode_metadata(header, head, _host_bytes(meta_view))
+                # Metadata and geometry are checked before any buffer exists: a
+                # corrupted or hostile spec never makes this rank allocate.
+                error = self._validate(msg, ids)
+                total = sum(spec.nbytes for spec in msg.tensors)
+                if total > self._max_frame_bytes:
+                    raise FramingError(
+                        f"frame from rank {src} announces {total} tensor bytes, over the "
+                        f"{self._max_frame_bytes} this geometry allows; refused before allocation",
+                        **ids,
+                    )
                 flats: list[torch.Tensor] = []
                 for spec in msg.tensors:
                     waiting_for = f"tensor {spec.name!r}"
-                    flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=self.device)
+                    flat = self._allocate(spec, src, ids)
                     if spec.nbytes:
                         self._recv(flat, src, group, self._frame_timeout)
                     flats.append(flat)
@@ -352,7 +386,8 @@ class Transport:
                 self._fatal(FramingError(f"undecodable frame from rank {src}: {exc!r}", **ids))
                 return
             tensors = {spec.name: rebuild(spec, flat) for spec, flat in zip(msg.tensors, flats)}
-            error = self._check(msg, flats, ids)
+            if error is None:
+                error = self._check_digests(msg, flats, ids)
             action = action_of(msg)
             if action in TERMINAL_ACTIONS:
                 self._ending = True
@@ -371,11 +406,27 @@ class Transport:
         except Exception as exc:
             raise _LinkFailure(exc) from exc
 
-    def _check(
+    def _validate(self, msg: WireMessage, ids: dict[str, Any]) -> ProtocolError | None:
+        try:
+            validate(msg, self.geometry)
+        except ProtocolError as exc:
+            return exc
+        except Exception as exc:  # defensive: never let a checker kill the link
+            return MetadataError(f"message could not be checked: {exc!r}", **ids)
+        return None
+
+    def _allocate(self, spec: Any, src: int, ids: dict[str, Any]) -> torch.Tensor:
+        try:
+            return torch.empty(spec.nbytes, dtype=torch.uint8, device=self.device)
+        except (RuntimeError, MemoryError) as exc:  # not "undecodable": say what failed
+            raise ChannelDead(
+                f"cannot allocate {spec.nbytes} bytes for tensor {spec.name!r} from rank {src}: {exc}", **ids
+            ) from exc
+
+    def _check_digests(
         self, msg: WireMessage, flats: list[torch.Tensor], ids: dict[str, Any]
     ) -> ProtocolError | None:
         try:
-            validate(msg, self.geometry)
             for spec, flat in zip(msg.tensors, flats):
                 if spec.digest is not None:
                     check_tensor_digest(spec, memoryview(_host_array(flat)), **ids)
