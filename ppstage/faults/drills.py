@@ -41,6 +41,9 @@ import time
 from typing import Literal
 
 import msgspec
+import structlog
+
+_log = structlog.get_logger("ppstage.faults")
 
 DrillKind = Literal[
     "delay_result",
@@ -129,7 +132,11 @@ class RankDrills:
         """The drill of ``kind`` at ``chunk_index`` for this rank, if any."""
         if not self._by_key:
             return None
-        return self._by_key.get((kind, chunk_index))
+        drill = self._by_key.get((kind, chunk_index))
+        if drill is not None:
+            # t_wall (seconds since the epoch) lets tests measure injection -> every rank exited.
+            _log.warning("drill fired", kind=kind, rank=self.rank, chunk_index=chunk_index, t_wall=time.time())
+        return drill
 
     def has(self, kind: str) -> bool:
         """Whether this rank carries a drill of ``kind`` at any chunk."""

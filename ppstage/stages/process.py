@@ -62,6 +62,7 @@ def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
     role = role_for(config, opts.rank)
     logs.configure(rank=opts.rank, stage=role.stage, json=opts.json_logs, level=opts.log_level)
     log = structlog.get_logger("ppstage.stages.process")
+    _watch_launcher(log, opts.rank)
     init_process_group(config, opts.rank, opts.world_size, opts.master_addr, opts.master_port)
     try:
         parity_handshake(config, role, None, {})
@@ -146,6 +147,26 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, leader.on_sigterm)
     return await leader.run()
+
+
+LAUNCHER_POLL_S = 0.5
+
+
+def _watch_launcher(log, rank: int) -> None:
+    """B17: when the process that launched this rank (torchrun's agent, ``ppstage
+    demo``) dies, exit too. Nobody else would tell us: an orphaned rank keeps its
+    links open and, on a node of its own, could stream on forever. The other
+    ranks then follow through their dead channels and watchdogs."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(LAUNCHER_POLL_S)
+            if os.getppid() != parent:
+                log.error(f"rank {rank}: its launcher (pid {parent}) died; exiting", phase="launcher")
+                exit_process(EXIT_FAILED)
+
+    threading.Thread(target=watch, name="ppstage-launcher-watch", daemon=True).start()
 
 
 def _hard_exit(log, exc: ProtocolError) -> None:
