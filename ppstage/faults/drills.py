@@ -25,7 +25,7 @@ configs carry none; the hooks cost one dict lookup per chunk.
 | ``unknown_version_envelope`` | rank 0 | sends the envelope with header version 99 | B5 |
 | ``drop_context_override`` | rank 0 | drops ``context_frames_override`` after validation (R0a/R0 recompute chunk) | B3 |
 | ``wrong_type_field`` | rank 0 | puts a float in ``current_start_frame`` | B18 |
-| ``payload_length_lie`` | rank 0 | declares ``latents_in`` one element longer than the tensor | B19 |
+| ``payload_length_lie`` | rank 0 | hands ``latents_in`` one frame shorter than its spec | B19 |
 | ``exit_rank`` | any rank | ``os._exit(1)`` at the chunk | B11 |
 | ``stall_generator_call`` | stage leader | the worker hangs ``ms`` (0: an hour) in the final call | B15 |
 | ``stall_decode`` | rank 0 | the decode of the chunk hangs ``ms`` (0: an hour) | B15/B16 |

@@ -49,11 +49,8 @@ def rank0_envelope_drill(drills: RankDrills, env: InferEnvelope, tensors: list) 
         # B18: a float where the schema says int; the sender's preflight must refuse it.
         env = msgspec.structs.replace(env, current_start_frame=float(env.current_start_frame))
     if drills.fires("payload_length_lie", k):
-        spec = env.tensors[0]
-        longer = (spec.shape[0] + 1, *spec.shape[1:])
-        per_row = spec.nbytes // max(spec.shape[0], 1)
-        lie = msgspec.structs.replace(spec, shape=longer, nbytes=spec.nbytes + per_row)
-        env = msgspec.structs.replace(env, tensors=(lie, *env.tensors[1:]))
+        # B19: the payload is one frame shorter than its (valid) spec says.
+        tensors = [tensors[0][:-1], *tensors[1:]]
     if drills.fires("unknown_version_envelope", k):
         rewrite = _unknown_version
     if drills.fires("drop_context_override", k):

@@ -49,6 +49,18 @@ from ppstage.stages.mesh import MeshRelay
 
 log = structlog.get_logger("ppstage.stage")
 
+# After passing a terminal action on, a moment for the frames to leave before
+# the process exits (os._exit does not flush a socket the backend still writes).
+TERMINAL_LINGER_S = 0.2
+
+
+class _Aborted(Exception):
+    """An ERROR arrived while this stage was mid-chunk: relay it now."""
+
+    def __init__(self, msg: ErrorEnvelope) -> None:
+        super().__init__(msg.reason)
+        self.msg = msg
+
 
 def build_stage_model(config: PPStageConfig, role: Role, comm: MeshComm) -> GeneratorStage:
     assert role.layer_range is not None  # generator ranks always own layers
@@ -103,9 +115,17 @@ class StageLeader:
         }
         self._warmup = WarmupTracker()
         self._cold = False
+        # Set when an ERROR arrives (``abort``): a chunk in progress stops waiting
+        # and the error is relayed at once, so no rank blames its own wait.
+        self._aborted: asyncio.Future = asyncio.get_running_loop().create_future()
         self._log = log.bind(rank=role.rank, stage=role.stage, group=f"mesh{role.stage}")
 
     # -- lifecycle of the actor --------------------------------------------
+    def abort(self, msg: ErrorEnvelope) -> None:
+        """An ERROR arrived on a link (called on the loop by the transport)."""
+        if not self._aborted.done():
+            self._aborted.set_result(msg)
+
     def on_sigterm(self) -> None:
         """Keep serving until rank 0's SHUTDOWN, but no longer than the drain deadline."""
         if self._drain_by is None:
@@ -134,6 +154,8 @@ class StageLeader:
                     return await self._relay_error(msg)
                 else:
                     raise ProtocolError(f"unexpected {action} while waiting for an envelope", **ids_of(msg))
+        except _Aborted as aborted:
+            return await self._relay_error(aborted.msg)
         except ProtocolError as exc:
             return await self._terminal(current, exc)
         except Exception as exc:  # a bug or a torch error: still end the chain loudly
@@ -261,10 +283,14 @@ class StageLeader:
         limit = deadline.deadline_s(cold=self._cold)
         t0 = time.monotonic()
         fut = asyncio.ensure_future(self._work(fn, *args))
-        done, _ = await asyncio.wait({fut, self.fatal}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {fut, self.fatal, self._aborted}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+        )
         if fut in done:
             deadline.observe(time.monotonic() - t0, cold=self._cold)
             return fut.result()
+        if self._aborted in done:
+            raise _Aborted(self._aborted.result())
         if self.fatal in done:
             raise self.fatal.result()
         raise PhaseStalled(
@@ -283,11 +309,13 @@ class StageLeader:
         if self._drain_by is not None:
             deadline = min(deadline, self._drain_by - time.monotonic())
         getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter, self.fatal}, timeout=max(deadline, 0.0),
+        done, _ = await asyncio.wait({getter, self.fatal, self._aborted}, timeout=max(deadline, 0.0),
                                      return_when=asyncio.FIRST_COMPLETED)
         if getter in done:
             return getter.result()
         getter.cancel()
+        if self._aborted in done:
+            raise _Aborted(self._aborted.result())
         if self.fatal in done:
             raise self.fatal.result()
         if self._drain_by is not None and time.monotonic() >= self._drain_by:
@@ -333,6 +361,7 @@ class StageLeader:
             await self._best_effort(self.transport.send(0, error_result(msg, msg.reason), []))
         if self.role.handback_dst is not None:
             await self._best_effort(self.transport.send(self.role.handback_dst, msg, []))
+        await asyncio.sleep(TERMINAL_LINGER_S)
         return 1
 
     async def _terminal(self, current: Any, exc: ProtocolError) -> int:

@@ -105,8 +105,15 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
             loop.call_later(FATAL_GRACE_S, _hard_exit, log, exc)
 
     ending: list[bool] = []
+    abort_actor: list = []  # the leader's ``abort``, once it exists
 
     def on_terminal(msg) -> None:
+        # Said on arrival, even if the actor is mid-chunk: every rank's log names
+        # the cause (SPEC section 7), not only the wait that fails after it.
+        if getattr(msg, "reason", None) is not None:
+            log.error("terminal action arrived", origin=msg.origin_rank, reason=msg.reason)
+            for abort in abort_actor:
+                abort(msg)
         # The actor handles SHUTDOWN / ERROR itself within moments; this timer only
         # fires if it cannot (stuck in the worker), so that the process still ends.
         if not ending:
@@ -144,6 +151,7 @@ async def _run_actor(config, role, groups, opts: RankOptions, log) -> int:
             log.info("stream complete", **(actor.gate.statistics()))
         return outcome.exit_code
     leader = StageLeader(config, role, transport, MeshComm(role, groups), fatal)
+    abort_actor.append(leader.abort)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, leader.on_sigterm)
     return await leader.run()

@@ -58,7 +58,8 @@ from ppstage.stages.deadlines import PhaseDeadline, ResultDeadline, Running, War
 
 log = structlog.get_logger("ppstage.stage0")
 
-WATCHDOG_TICK_S = 0.25  # how often an owed result's deadline is re-checked
+WATCHDOG_TICK_S = 0.25
+ERROR_LINGER_S = 0.3  # how often an owed result's deadline is re-checked
 
 Sink = Callable[[ChunkPlan, torch.Tensor], None]
 
@@ -446,6 +447,9 @@ class Stage0Actor:
                 self.transport.send(self.leader1, ErrorEnvelope(reason=reason, origin_rank=0, **ids_of(ids)), []),
                 timeout=2.0,
             )
+            # A moment for the stages to read the reason before this rank's links
+            # close under them (they would report a dead channel instead).
+            await asyncio.sleep(ERROR_LINGER_S)
         except Exception as exc:  # the chain may already be gone; the cause was logged above
             self._log.warning("could not send ERROR down the chain", error=f"{type(exc).__name__}: {exc}")
 
