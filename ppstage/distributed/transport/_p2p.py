@@ -266,6 +266,9 @@ class Transport:
         try:
             if not isinstance(msg, WIRE_TYPES):
                 raise MetadataError(f"{type(msg).__name__} is not a wire message", **ids)
+            # Exact field types first (encode, then decode with the receiver's strict
+            # decoder): a float in an int field must be named as such, not trip validate.
+            header, meta = encode_frame(msg)
             if action_of(msg) != "HELLO" and drill_frame is None:
                 validate(msg, self.geometry)
             specs, payload = prepare_tensors(
@@ -273,7 +276,7 @@ class Transport:
             )
             if fill_digests:
                 msg = msgspec.structs.replace(msg, tensors=specs)
-            header, meta = encode_frame(msg)  # also decodes meta back strictly: exact field types
+                header, meta = encode_frame(msg)
             if drill_frame is not None:
                 header = drill_frame(header)
             header_t, meta_t = self._frame_tensor(header), self._frame_tensor(meta)
