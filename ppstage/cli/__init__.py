@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "launch", "config", "plan", "reference", "quality", "bench")
+COMMANDS = ("demo", "launch", "config", "plan", "reference", "quality", "bench", "soak")
 
 
 def build_parser() -> argparse.ArgumentParser:
