@@ -172,11 +172,11 @@ class Stage0Actor:
         except ProtocolError as exc:
             code, error = 1, f"{type(exc).__name__}: {exc}"
             self._log.error("pipeline failed", reason=error)
-            await self._send_error(error)
+            await self._send_error(error, [producer, *tasks])
         except Exception as exc:  # a bug or a torch error: still end the chain loudly
             code, error = 1, f"{type(exc).__name__}: {exc}"
             self._log.exception("stage 0 failed")
-            await self._send_error(error)
+            await self._send_error(error, [producer, *tasks])
         finally:
             for t in [producer, *tasks]:
                 t.cancel()
@@ -440,7 +440,9 @@ class Stage0Actor:
                 f"{self._decode_q.qsize()} awaiting decode"
             ) from None
 
-    async def _send_error(self, reason: str) -> None:
+    async def _send_error(self, reason: str, tasks: list[asyncio.Future]) -> None:
+        for t in tasks:  # no keepalive or envelope may follow the ERROR
+            t.cancel()
         ids = self.planner.control_ids()
         try:
             await asyncio.wait_for(
