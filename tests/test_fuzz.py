@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -95,7 +96,7 @@ def mutated_toml(draw) -> str:
 def test_a_mutated_valid_config_loads_or_is_refused_with_a_config_error(text):
     out = load_text(text)
     if out is not None:  # whatever loads is self-consistent and round-trips
-        assert PPStageConfig.from_dict(__import__("msgspec").to_builtins(out)) == out
+        assert PPStageConfig.from_dict(msgspec.to_builtins(out)) == out
 
 
 drill_values = st.fixed_dictionaries(

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import msgspec
 import structlog
 import torch
 
@@ -58,8 +57,8 @@ from ppstage.stages.deadlines import PhaseDeadline, ResultDeadline, Running, War
 
 log = structlog.get_logger("ppstage.stage0")
 
-WATCHDOG_TICK_S = 0.25
-ERROR_LINGER_S = 0.3  # how often an owed result's deadline is re-checked
+WATCHDOG_TICK_S = 0.25  # how often an owed result's and a running phase's deadlines are re-checked
+ERROR_LINGER_S = 0.3  # after sending ERROR: time for the stages to read it before our links close
 
 Sink = Callable[[ChunkPlan, torch.Tensor], None]
 
