@@ -161,11 +161,18 @@ LAUNCHER_POLL_S = 0.5
 
 
 def _watch_launcher(log, rank: int) -> None:
-    """B17: when the process that launched this rank (torchrun's agent, ``ppstage
-    demo``) dies, exit too. Nobody else would tell us: an orphaned rank keeps its
-    links open and, on a node of its own, could stream on forever. The other
-    ranks then follow through their dead channels and watchdogs."""
+    """B17: when the process that launched this rank dies, exit too.
+
+    Only under a launcher that owns the rank: torchrun's agent (it sets
+    ``TORCHELASTIC_RUN_ID``) or ``ppstage demo`` / the test launcher (they set
+    ``PPSTAGE_LAUNCHER_PID``). Nobody else would tell us: an orphaned rank keeps
+    its links open and, on a node of its own, could stream on forever. The other
+    ranks then follow through their dead channels and watchdogs. A rank started
+    by hand (say under ``nohup``) is not watched: its parent is just a shell.
+    """
     parent = os.getppid()
+    if os.environ.get("PPSTAGE_LAUNCHER_PID") != str(parent) and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
 
     def watch() -> None:
         while True:
