@@ -338,7 +338,9 @@ def test_b17_when_the_launcher_dies_every_rank_exits_within_the_watchdog_window(
         elapsed = time.monotonic() - t0
         assert not alive, f"ranks {alive} outlived their launcher"
         print(f"\nFIGURE B17 launcher killed: every rank exited {elapsed:.2f} s later")
-        assert "launcher" in (out / "rank1.log").read_text()
+        # The first rank to notice names the launcher; the others may follow it
+        # through their dead channels before their own 0.5 s poll comes round.
+        assert any("its launcher (pid" in (out / f"rank{r}.log").read_text() for r in range(3))
     finally:
         for p in [proc.pid, *ranks]:
             try:
