@@ -306,6 +306,118 @@ class RecordConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     flight_records: Annotated[int, Meta(ge=1, le=1 << 20)] = 256
 
 
+class LivenessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Deadlines of named phases (SPEC section 7, B15/B16): rank 0's decode and
+    sink, a stage's generator call and mesh collective.
+
+    Steady deadline = ``max(phase_deadline_min_s, phase_deadline_factor x median)``
+    of recent durations of that phase. A cold chunk (the first of a run, the
+    first after a step-list or geometry change) gets ``warmup_deadline_s``
+    instead, for every phase and for hop waits and rank 0's result deadline.
+    Keep ``phase_deadline_min_s`` below ``runtime.result_deadline_min_s`` so the
+    rank that stalled names itself before rank 0's generic result deadline fires.
+    """
+
+    phase_deadline_min_s: Seconds = 3.0
+    phase_deadline_factor: Annotated[float, Meta(ge=1, le=1000)] = 10.0
+    warmup_deadline_s: Seconds = 60.0
+
+
+# -- fault drills (the schema; ppstage/faults/drills.py acts on them) ----------
+
+DrillKind = Literal[
+    "delay_result",
+    "extra_generator_call",
+    "skip_generator_call",
+    "perturb_start_frame",
+    "reset_cache_one_rank",
+    "wrong_group_collective",
+    "corrupt_envelope",
+    "unknown_version_envelope",
+    "drop_context_override",
+    "wrong_type_field",
+    "payload_length_lie",
+    "exit_rank",
+    "stall_generator_call",
+    "stall_decode",
+    "no_keepalives",
+]
+
+# Where each kind can act: "rank0", "leader" (a stage leader), "last_leader",
+# "generator" (any stage rank) or "any". Checked against the topology by
+# ``PPStageConfig`` so a drill on a rank that cannot act on it is refused.
+DRILL_SITE: dict[str, str] = {
+    "delay_result": "last_leader",
+    "extra_generator_call": "leader",
+    "skip_generator_call": "leader",
+    "perturb_start_frame": "rank0",
+    "reset_cache_one_rank": "generator",
+    "wrong_group_collective": "leader",
+    "corrupt_envelope": "rank0",
+    "unknown_version_envelope": "rank0",
+    "drop_context_override": "rank0",
+    "wrong_type_field": "rank0",
+    "payload_length_lie": "rank0",
+    "exit_rank": "any",
+    "stall_generator_call": "leader",
+    "stall_decode": "rank0",
+    "no_keepalives": "rank0",
+}
+
+FOREVER_S = 3600.0  # a stall of ms = 0: only a deadline can end it
+
+
+class Drill(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One fault drill (see the module docstring)."""
+
+    kind: DrillKind
+    rank: int
+    chunk: int = 0
+    ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"drill {self.kind}: rank must be >= 0, got {self.rank}")
+        if self.chunk < 0:
+            raise ValueError(f"drill {self.kind}: chunk must be >= 0, got {self.chunk}")
+        if not 0.0 <= self.ms <= FOREVER_S * 1e3:
+            raise ValueError(f"drill {self.kind}: ms must be in [0, {FOREVER_S * 1e3:.0f}], got {self.ms}")
+        if self.kind == "delay_result" and self.ms <= 0:
+            raise ValueError("drill delay_result needs ms > 0")
+
+    @property
+    def seconds(self) -> float:
+        """The drill's duration; 0 ms means "forever" (an hour) for the stall kinds."""
+        return self.ms / 1e3 if self.ms > 0 else FOREVER_S
+
+
+class FaultsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The ``[faults]`` section: a list of ``[[faults.drill]]`` entries (none by default)."""
+
+    drill: tuple[Drill, ...] = ()
+
+
+def check_sites(faults: FaultsConfig, *, world_size: int, tp: int, stages: int) -> str | None:
+    """Why a drill cannot act where it is placed, or None when all can."""
+    last_leader = 1 + (stages - 1) * tp
+    for d in faults.drill:
+        if d.rank >= world_size:
+            return f"drill {d.kind} names rank {d.rank}, the world has {world_size} ranks"
+        site = DRILL_SITE[d.kind]
+        ok = {
+            "any": True,
+            "rank0": d.rank == 0,
+            "generator": d.rank > 0,
+            "leader": d.rank > 0 and (d.rank - 1) % tp == 0,
+            "last_leader": d.rank == last_leader,
+        }[site]
+        if not ok:
+            where = {"rank0": "rank 0", "generator": "a generator rank", "leader": "a stage leader",
+                     "last_leader": f"the last stage leader (rank {last_leader})"}[site]
+            return f"drill {d.kind} acts on {where}, not on rank {d.rank}"
+    return None
+
+
 class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
@@ -315,6 +427,8 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
     service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
     record: RecordConfig = msgspec.field(default_factory=RecordConfig)
+    liveness: LivenessConfig = msgspec.field(default_factory=LivenessConfig)
+    faults: FaultsConfig = msgspec.field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         if self.recompute.context_frames > self.cache.max_context_frames:
@@ -343,6 +457,10 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                 f"topology.tp: model.heads ({self.model.heads}) must divide evenly over it, got {self.topology.tp}"
             )
         self.layer_ranges()  # raises on a bad explicit split
+        t = self.topology
+        bad_drill = check_sites(self.faults, world_size=t.world_size, tp=t.tp, stages=t.stages)
+        if bad_drill is not None:
+            raise ConfigError(bad_drill)
 
     # -- derived -----------------------------------------------------------
     def rebase_span(self) -> int:
@@ -410,6 +528,12 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         """TOML text that ``from_toml`` reads back into an equal config."""
         lines: list[str] = []
         for section, values in msgspec.to_builtins(self).items():
+            if section == "faults":  # an array of tables: one [[faults.drill]] per drill
+                for drill in values["drill"]:
+                    lines.append("[[faults.drill]]")
+                    lines += [f"{k} = {msgspec.json.encode(v).decode()}" for k, v in drill.items()]
+                    lines.append("")
+                continue
             lines.append(f"[{section}]")
             for key, value in values.items():
                 if value is not None:  # TOML has no null: an absent key takes its default (None)
@@ -453,7 +577,7 @@ class PPStageConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     def from_toml(cls, path: str | Path) -> "PPStageConfig":
         try:
             data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:  # (not UTF-8: found by fuzzing)
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
         return cls.from_dict(data)
 

@@ -15,7 +15,7 @@ Errors specific to one concern live beside its code and derive from the root:
 
 from __future__ import annotations
 
-from protocol import ChunkError
+from protocol import ChunkError, ChunkId
 
 __all__ = [
     "CallCountMismatch",
@@ -93,3 +93,13 @@ class UnexpectedMessage(PPStageError):
 
 class UpstreamFailed(PPStageError):
     """A peer ended the stream with an ``ERROR`` envelope (its reason is in the message)."""
+
+
+class PhaseStalled(WatchdogExpired):
+    """A named phase on a named rank (decode, sink, generator call, hop wait,
+    mesh collective, drain) exceeded its deadline: that rank stopped making progress."""
+
+    def __init__(self, message: str, *, rank: int, phase: str, chunk: ChunkId | None = None) -> None:
+        super().__init__(message, chunk=chunk)
+        self.rank = rank
+        self.phase = phase

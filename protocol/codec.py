@@ -186,6 +186,14 @@ def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
         raise MetadataError(f"metadata not serialisable: {exc}", chunk=ChunkId.of(msg)) from exc
     if len(meta) > MAX_META_BYTES:
         raise FramingError(f"metadata of {len(meta)} bytes exceeds {MAX_META_BYTES}", chunk=ChunkId.of(msg))
+    # The sender refuses what its receiver would refuse (B18): the receiver's
+    # strict decoder rejects a float in an int field or an int in a bool field,
+    # which the encoder happily writes. Decoding here (with the decoder the
+    # receiver picks for this action) costs microseconds.
+    try:
+        _DECODERS[ACTION_BY_CODE[code]].decode(meta)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise MetadataError(f"metadata would be refused by the receiver: {exc}", chunk=ChunkId.of(msg)) from exc
     try:
         partial = _HEADER_WO_CHECKSUM.pack(
             MAGIC,

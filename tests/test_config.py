@@ -133,6 +133,9 @@ def test_config_error_is_a_ppstage_error():
 
 # Every bounded key, with a value just outside its bound and the message that names it.
 OUT_OF_BOUNDS = {
+    "liveness.phase_deadline_min_s": (0, "must be > 0, got 0"),
+    "liveness.phase_deadline_factor": (0.5, "must be >= 1, got 0.5"),
+    "liveness.warmup_deadline_s": (-1, "must be > 0, got -1"),
     "record.flight_records": (0, "must be >= 1, got 0"),
     "service.port": (70000, "must be <= 65535, got 70000"),
     "service.max_body_bytes": (10, "must be >= 64, got 10"),
@@ -359,6 +362,11 @@ ALTERNATIVE = {
     "runtime.anchor_first_decode": False,
     "runtime.sequential_schedule": True,
     "runtime.device": "cpu",
+    "liveness.phase_deadline_min_s": 1.5,
+    "liveness.phase_deadline_factor": 4.0,
+    "liveness.warmup_deadline_s": 20.0,
+    # A drill is part of the digest, so it can never be active on one rank by accident.
+    "faults.drill": [{"kind": "stall_decode", "rank": 0, "chunk": 4, "ms": 0}],
 }
 
 

@@ -111,13 +111,35 @@ def test_stale_drop_is_idempotent():
     assert s.gate.dropped["stale_epoch"] == 2
 
 
-def test_stale_result_of_any_kind_is_dropped_without_inspection():
-    # Even a broken result is merely dropped once its epoch is over: it is never decoded.
+def test_stale_ok_result_with_a_broken_count_is_dropped_without_inspection():
+    # A stale ok result is merely dropped once its epoch is over: it is never decoded.
     s = Stream()
     late = s.send()
     s.cut()
-    broken = result_for(late, ok=False, error="boom", observed_generator_calls=0, tensors=())
-    assert s.gate.admit(broken).reason == "stale_epoch"
+    assert s.gate.admit(result_for(late, observed_generator_calls=0)).reason == "stale_epoch"
+
+
+@pytest.mark.parametrize("which", ["stale_epoch", "never_planned", "duplicate", "future_epoch"])
+def test_error_result_keeps_its_cause_whatever_its_ids_or_epoch(which):
+    # A stage that sends an error result has failed and is exiting: its reason is
+    # the stream's cause, never "never planned" or a silent stale drop.
+    s = Stream()
+    p0 = s.send()
+    if which == "stale_epoch":
+        s.cut()
+        target = p0
+    elif which == "duplicate":
+        s.gate.admit(result_for(p0))
+        s.send()
+        target = p0
+    else:
+        target = p0
+    fields = {"never_planned": dict(call_id=p0.call_id + 50, chunk_index=p0.chunk_index + 50),
+              "future_epoch": dict(cache_epoch=p0.cache_epoch + 3)}.get(which, {})
+    broken = result_for(target, ok=False, error="rank 2 relaying a NOOP: boom", observed_generator_calls=0,
+                        tensors=(), **fields)
+    with pytest.raises(RemoteStageError, match="relaying a NOOP: boom"):
+        s.gate.admit(broken)
 
 
 def test_stale_result_of_an_accepted_call_does_not_touch_outstanding_calls():

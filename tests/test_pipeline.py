@@ -27,7 +27,14 @@ LAUNCH_ARGS = ["--prompt", "a red fox", "--prompt-at", "4:a grey wolf", "--cut-a
 pytestmark = pytest.mark.timeout(180)
 
 
-def config_for(stages: int, mode: str, *, tp: int = 1, ranges=None, cadence: int = 1, **runtime) -> PPStageConfig:
+def drill(kind: str, rank: int, chunk: int = 0, ms: float = 0.0) -> dict:
+    """A ``[[faults.drill]]`` entry (part of every rank's parity-checked config)."""
+    return {"kind": kind, "rank": rank, "chunk": chunk, "ms": ms}
+
+
+def config_for(
+    stages: int, mode: str, *, tp: int = 1, ranges=None, cadence: int = 1, drills=(), **runtime
+) -> PPStageConfig:
     overrides = {
         "recompute.cadence": cadence,
         "topology.stages": stages,
@@ -38,6 +45,7 @@ def config_for(stages: int, mode: str, *, tp: int = 1, ranges=None, cadence: int
         "runtime.stage_idle_deadline_s": 5.0,
         "runtime.keepalive_interval_s": 0.5,
         "runtime.drain_deadline_s": 10.0,
+        "faults.drill": list(drills),
         **{f"runtime.{k}": v for k, v in runtime.items()},
     }
     return PPStageConfig().with_overrides(overrides)
@@ -170,10 +178,10 @@ def test_sigterm_to_rank0_drains_and_every_rank_exits_zero(tmp_path):
 
 @pytest.mark.parametrize("keepalives", [True, False], ids=["keepalives", "control-without"])
 def test_idle_pipeline_outlives_the_stage_watchdog_thanks_to_keepalives(tmp_path, keepalives):
-    config = config_for(2, "r0a", stage_idle_deadline_s=1.5, keepalive_interval_s=0.3)
+    drills = () if keepalives else (drill("no_keepalives", 0),)
+    config = config_for(2, "r0a", stage_idle_deadline_s=1.5, keepalive_interval_s=0.3, drills=drills)
     args = ["--quiet", "--pause-at", "2:4.0"]
-    env = None if keepalives else {0: {"PPSTAGE_FAULT": json.dumps({"kind": "no_keepalives", "chunk_index": 0})}}
-    pipe = start_pipeline(config, tmp_path / "run", chunks=4, launch_args=args, env_overrides=env)
+    pipe = start_pipeline(config, tmp_path / "run", chunks=4, launch_args=args)
     try:
         codes = pipe.wait(60.0)
     finally:
@@ -183,7 +191,8 @@ def test_idle_pipeline_outlives_the_stage_watchdog_thanks_to_keepalives(tmp_path
         assert pipe.summary()["summary"]["chunks_emitted"] == 4
     else:  # the same idle gap without keepalives trips stage 1's watchdog
         assert all(c not in (0, None) for c in codes), codes
-        assert "WatchdogExpired" in pipe.log_tail(1)
+        # PhaseStalled is the WatchdogExpired that names who stopped: rank 0 sent nothing.
+        assert "rank 0 stopped making progress" in pipe.log_tail(1), pipe.log_tail(1)
 
 
 def _wait_for_progress(pipe, timeout: float = 60.0) -> None:
@@ -236,9 +245,9 @@ def _finished_chunks(out) -> int:
     "fault_rank, kind, chunk, expected, detector",
     [
         (2, "extra_generator_call", 3, "CallCountMismatch", 2),  # B2, at the stage itself
-        (0, "tamper_envelope", 2, "DigestMismatch", 1),  # B5, at the receiving leader
+        (0, "corrupt_envelope", 2, "DigestMismatch", 1),  # B5, at the receiving leader
         (0, "perturb_start_frame", 2, "IllegalTransition", 1),  # B7
-        (2, "stall_generator_call", 3, "WatchdogExpired", 0),  # a hang becomes an error in seconds
+        (2, "stall_generator_call", 3, "PhaseStalled", 2),  # a hang is named by the stalled rank itself
         (2, "reset_cache_one_rank", 3, "StateDivergence", 0),  # B6, rank 0's shadow lifecycle
         (4, "reset_cache_one_rank", 3, "StateDivergence", 4),  # B6 on a mesh follower, in the mesh
     ],
@@ -248,9 +257,9 @@ def test_injected_fault_ends_every_rank_nonzero_with_a_typed_report(
 ):
     # R1 for the reset: an R0a recompute rebuilds the cache every chunk, which would repair it.
     mode = "r1" if kind == "reset_cache_one_rank" else "r0a"
-    config = config_for(2, mode, tp=2 if kind == "tamper_envelope" or fault_rank == 4 else 1)
-    fault = {fault_rank: {"PPSTAGE_FAULT": json.dumps({"kind": kind, "chunk_index": chunk})}}
-    pipe = start_pipeline(config, tmp_path / "run", chunks=8, launch_args=["--quiet"], env_overrides=fault)
+    tp = 2 if kind == "corrupt_envelope" or fault_rank == 4 else 1
+    config = config_for(2, mode, tp=tp, drills=[drill(kind, fault_rank, chunk)])
+    pipe = start_pipeline(config, tmp_path / "run", chunks=8, launch_args=["--quiet"])
     t0 = time.monotonic()
     try:
         codes = pipe.wait(60.0, grace_s=15.0)
@@ -264,7 +273,7 @@ def test_injected_fault_ends_every_rank_nonzero_with_a_typed_report(
     emitted = result["summary"]["chunks_emitted"]
     assert emitted == chunk + (1 if kind == "reset_cache_one_rank" else 0)
     assert expected in pipe.log_tail(detector, lines=60), pipe.log_tail(detector)
-    if kind == "tamper_envelope":  # B5: the leader ended its mesh with a terminal action
+    if kind == "corrupt_envelope":  # B5: the leader ended its mesh with a terminal action
         assert "terminal action from leader" in pipe.log_tail(2, lines=60)
 
 

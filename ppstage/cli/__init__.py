@@ -17,7 +17,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "launch", "config", "plan", "reference", "quality", "bench", "serve", "log", "replay")
+COMMANDS = ("demo", "launch", "config", "plan", "reference", "quality", "bench", "serve", "log", "replay", "soak")
 EXIT_FAILED, EXIT_USAGE = 1, 2  # argparse exits 2 on a usage error too
 
 

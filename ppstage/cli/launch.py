@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", type=text, default=None)
     p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
     p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
+    p.add_argument("--script", default=None, metavar="JSON",
+                   help="a StreamScript as JSON (cuts, prompts, biases by chunk); replaces the flags above")
     p.add_argument("--summary-out", default=None, help="rank 0 writes its run summary (JSON) here")
     p.add_argument("--latents-out", default=None, help="rank 0 writes each emitted chunk's latents_out here")
     p.add_argument("--chunks-out", default=None,
@@ -36,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def script_from_args(args: argparse.Namespace):
     from ppstage.model.reference import DEFAULT_PROMPT, StreamScript
     from ppstage.cli.plan import parse_prompt_at
+
+    if getattr(args, "script", None):  # a generated stream (``ppstage soak``)
+        import msgspec
+        from pathlib import Path
+
+        return msgspec.json.decode(Path(args.script).read_bytes(), type=StreamScript)
 
     return StreamScript(
         prompt=args.prompt or DEFAULT_PROMPT,

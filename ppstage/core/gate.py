@@ -3,8 +3,10 @@
 Rank 0 registers every chunk plan it sends (``expect``) and passes every
 result it receives through ``admit``. A result is accepted only if it is of
 the current epoch, is the oldest outstanding call, is ok, reports the planned
-call count and carries ``latents_out``. Results of an older epoch and
-duplicates are *dropped* (counted, idempotent: the same stale result twice
+call count and carries ``latents_out``. An error result is checked first,
+whatever its ids or epoch: a stage that sent one has failed and is exiting,
+so its cause is the stream's cause (never hidden as "never planned" or
+dropped as stale). Results of an older epoch and duplicates are *dropped* (counted, idempotent: the same stale result twice
 changes nothing but the counter). Anything else raises a ``GateError``.
 
 Only a *requested* hard cut makes the results still in flight stale. A cut
@@ -156,7 +158,7 @@ class EpochGate:
         OutOfOrderResult
             An older result of the current epoch is still owed.
         RemoteStageError
-            The result is an error result (``ok=False``).
+            The result is an error result (``ok=False``), whatever its ids or epoch.
         CallCountMismatch
             ``observed_generator_calls`` differs from the plan's.
         MissingTensor
@@ -165,6 +167,11 @@ class EpochGate:
             ``chunk_index`` differs from the plan's (the base of all the above).
         """
         chunk = result.id
+        if not result.ok:
+            # Terminal whatever the ids or epoch: the stage is gone, and its reason
+            # must reach the operator. The head call stays outstanding, so nothing
+            # after it may be accepted either.
+            raise RemoteStageError(f"stage error: {result.error}", chunk=chunk)
         if result.cache_epoch < self._live_from:
             owed = self._outstanding.get(result.call_id)
             if owed is not None and owed.cache_epoch == result.cache_epoch:
@@ -188,8 +195,6 @@ class EpochGate:
             )
         # A contract failure of the head call is terminal for the stream, so it
         # stays outstanding: nothing after it may be accepted either.
-        if not result.ok:
-            raise RemoteStageError(f"stage error: {result.error}", chunk=chunk)
         if result.observed_generator_calls != head.expected_generator_calls:
             raise CallCountMismatch(
                 f"observed {result.observed_generator_calls} generator calls, "

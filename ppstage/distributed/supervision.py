@@ -52,6 +52,11 @@ def watch_launcher(log, *, poll_s: float = LAUNCHER_POLL_S) -> threading.Thread 
     parent = os.getppid()
     if parent <= 1:
         return None
+    # Only under a launcher that owns the rank: torchrun's agent (it sets
+    # TORCHELASTIC_RUN_ID) or ppstage's own launcher (it sets PPSTAGE_LAUNCHER_PID).
+    # A rank started by hand (say under nohup) has a shell for a parent: not watched.
+    if os.environ.get("PPSTAGE_LAUNCHER_PID") != str(parent) and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
     # A new thread starts with an empty context: carry rank, stage and generation over.
     log = log.bind(**structlog.contextvars.get_contextvars())
 
@@ -60,7 +65,8 @@ def watch_launcher(log, *, poll_s: float = LAUNCHER_POLL_S) -> threading.Thread 
             time.sleep(poll_s)
             now = os.getppid()
             if now != parent:
-                log.error("launcher gone: exiting", launcher_pid=parent, new_parent=now)
+                log.error(f"launcher gone: its launcher (pid {parent}) died; exiting", phase="launcher",
+                          launcher_pid=parent, new_parent=now)
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(EXIT_LAUNCHER_GONE)

@@ -149,7 +149,9 @@ class StreamInputs:
             if not self._enter_epoch(plan):
                 return pixels  # an epoch a forced cut ended: emitted, never an anchor
             for i, off in enumerate(offsets):
-                self._decoded[plan.current_start_frame + off] = pixels[i]
+                # A copy: the sink gets `pixels` and may edit them in place; the
+                # R0a anchor must stay what was decoded.
+                self._decoded[plan.current_start_frame + off] = pixels[i].clone()
             if not whole:
                 self._decoded = OrderedDict(sorted(self._decoded.items()))
             keep = self.config.recompute.decoded_buffer_frames

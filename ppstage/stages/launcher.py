@@ -177,6 +177,7 @@ def start_pipeline(
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
                 "OMP_NUM_THREADS": "1",
+                "PPSTAGE_LAUNCHER_PID": str(os.getpid()),  # ranks exit if this process dies (B17)
                 **(env_overrides or {}).get(rank, {}),
             }
             cmd = [sys.executable, "-m", "ppstage.cli", command, "--config", str(cfg_path), "--flight-dir", str(out), *launch_args]

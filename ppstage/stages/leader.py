@@ -34,8 +34,16 @@ from protocol import (
 )
 
 from ppstage.config import PPStageConfig
-from ppstage.errors import ChannelDead, PPStageError, UnexpectedMessage, UpstreamFailed, WatchdogExpired
-from ppstage.faults.drills import fault_from_env, out_of_band_reset
+from ppstage.errors import (
+    ChannelDead,
+    PhaseStalled,
+    PPStageError,
+    UnexpectedMessage,
+    UpstreamFailed,
+    WatchdogExpired,
+)
+from ppstage.faults.drills import RankDrills, out_of_band_reset, stall
+from ppstage.faults.inject import exit_if_drilled
 from ppstage.observability.logs import ids_of
 from ppstage.digests import tensor_digest
 from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step
@@ -45,10 +53,23 @@ from ppstage.distributed.devices import MODEL_DEVICE
 from ppstage.distributed.topology import MeshComm, Role
 from ppstage.distributed.transport import Inbound, Transport
 from ppstage.stages.envelopes import error_result, hop, ok_result
+from ppstage.stages.deadlines import PhaseDeadline, WarmupTracker
 from ppstage.stages.mesh import MeshRelay
 from ppstage.stages.worker import StageWorker
 
 log = structlog.get_logger("ppstage.stage")
+
+# After passing a terminal action on, a moment for the frames to leave before
+# the process exits (os._exit does not flush a socket the backend still writes).
+TERMINAL_LINGER_S = 0.2
+
+
+class _Aborted(Exception):
+    """An ERROR arrived while this stage was mid-chunk: relay it now."""
+
+    def __init__(self, msg: ErrorEnvelope) -> None:
+        super().__init__(msg.reason)
+        self.msg = msg
 
 
 def build_stage_model(config: PPStageConfig, role: Role, comm: MeshComm) -> GeneratorBackend:
@@ -95,11 +116,29 @@ class StageLeader:
         self._call_cost_s = config.runtime.simulated_call_ms / 1e3 / role.num_stages
         self._idle_s = config.runtime.stage_idle_deadline_s
         self._drain_by: float | None = None
-        self.fault = fault_from_env()
+        self.drills = RankDrills(config.faults, role.rank)
+        lv = config.liveness
+        # Named phases of this rank, each with its own history-derived deadline;
+        # a cold chunk (first of the run, new step list or geometry) gets the warm-up one.
+        self._deadlines = {
+            name: PhaseDeadline(name, minimum_s=lv.phase_deadline_min_s, factor=lv.phase_deadline_factor,
+                                warmup_s=lv.warmup_deadline_s)
+            for name in ("generator call", "mesh collective")
+        }
+        self._warmup = WarmupTracker()
+        self._cold = False
+        # Set when an ERROR arrives (``abort``): a chunk in progress stops waiting
+        # and the error is relayed at once, so no rank blames its own wait.
+        self._aborted: asyncio.Future = asyncio.get_running_loop().create_future()
         self.recorder = transport.recorder
         self._log = log.bind(rank=role.rank, stage=role.stage, group=f"mesh{role.stage}")
 
     # -- lifecycle of the actor --------------------------------------------
+    def abort(self, msg: ErrorEnvelope) -> None:
+        """An ERROR arrived on a link (called on the loop by the transport)."""
+        if not self._aborted.done():
+            self._aborted.set_result(msg)
+
     def on_sigterm(self) -> None:
         """Keep serving until rank 0's SHUTDOWN, but no longer than the drain deadline."""
         if self._drain_by is None:
@@ -132,7 +171,7 @@ class StageLeader:
         current: Any = None
         try:
             while True:
-                item = await self._next(self.upstream, "an envelope")
+                item = await self._next(self.upstream, "an envelope", self.role.prev_rank)
                 msg = current = item.msg
                 action = action_of(msg)
                 self._log.debug("received", action=action, src=self.role.prev_rank, **ids_of(msg))
@@ -150,6 +189,8 @@ class StageLeader:
                     return await self._relay_error(msg)
                 else:
                     raise UnexpectedMessage(f"unexpected {action} while waiting for an envelope", chunk=msg.id)
+        except _Aborted as aborted:
+            return await self._relay_error(aborted.msg)
         except (ProtocolError, PPStageError) as exc:
             return await self._terminal(current, exc)
         except Exception as exc:  # a bug or a torch error: still end the chain loudly
@@ -160,10 +201,16 @@ class StageLeader:
     async def _chunk(self, env: InferEnvelope, tensors: dict[str, torch.Tensor]) -> None:
         t0 = time.perf_counter()
         t0_ns = time.monotonic_ns()
+        exit_if_drilled(self.drills, env.chunk_index, self.role.rank)
+        self._cold = self._warmup.enter(
+            (env.num_frames, env.height, env.width, tuple(tensors["denoising_step_list"].tolist()))
+        )
         ordered = [tensors[s.name] for s in env.tensors]
         if not self.last:
             await self.transport.send(self.next_rank, env, ordered)
-        await self._work(self._begin, env, ordered)
+        await self._timed("mesh collective", "mesh broadcast of the envelope", env, self._begin, env, ordered)
+        if self.drills.fires("wrong_group_collective", env.chunk_index):
+            await self._work(self._wrong_group_collective)  # B10: refused before it is issued
         steps = [int(t) for t in tensors["denoising_step_list"].tolist()]
         n = len(steps)
         if env.do_kv_recompute:
@@ -171,7 +218,8 @@ class StageLeader:
                 x = tensors["context_frames_override"]
             else:
                 x = (await self._hop(self.upstream, env, "recompute", -1, "hidden")).tensors["hidden"]
-            y = await self._work(self._call, env, "recompute", -1, RECOMPUTE_TIMESTEP, x)
+            y = await self._timed("generator call", "generator call (recompute)", env,
+                                  self._call, env, "recompute", -1, RECOMPUTE_TIMESTEP, x)
             if not self.last:
                 await self.transport.send(self.next_rank, hop(env, call_kind="recompute", step=-1, target="hidden", tensor=y), [y])
         x_t = tensors["latents_in"].to(MODEL_DEVICE)  # the scheduler step runs with the model
@@ -185,15 +233,21 @@ class StageLeader:
                 x = x_t  # step 0: the envelope's latents; K == 1: our own re-noised latent
             else:
                 x = (await self._hop(self.handback, env, "denoise", i, "latent")).tensors["latents"]
-            y = await self._work(self._call, env, "denoise", i, float(t), x)
             final = i == n - 1
+            if i == 1 and self.drills.fires("skip_generator_call", env.chunk_index):
+                pass  # B2: step 1's call is skipped; step 0's output stands in for it (same shape)
+            else:
+                y = await self._timed("generator call", f"generator call (denoise step {i})", env,
+                                      self._call, env, "denoise", i, float(t), x)
             report: tuple[StageReport, ...] = ()
-            if final and self.fault is not None and self.fault.fires("extra_generator_call", env.chunk_index):
+            if final and self.drills.fires("extra_generator_call", env.chunk_index):
                 await self._work(self._call, env, "denoise", i, float(t), x)  # B2: one call too many
-            if final and self.fault is not None and self.fault.fires("stall_generator_call", env.chunk_index):
-                await self._work(time.sleep, 3600.0)  # a stuck kernel: only the watchdogs can end this
+            drill = self.drills.fires("stall_generator_call", env.chunk_index) if final else None
+            if drill is not None:  # a stuck kernel: only the deadlines can end this
+                await self._timed("generator call", f"generator call (denoise step {i})", env, stall, drill)
             if final:
-                state = await self._work(self._end, env, y)
+                state = await self._timed("mesh collective", "end of chunk (mesh digest check)", env,
+                                          self._end, env, y)
                 report = (
                     StageReport(
                         stage=self.role.stage,
@@ -213,6 +267,9 @@ class StageLeader:
             x0, x_next = denoise_step(self.scheduler, env, steps, i, x_t, y)
             if final:
                 result = ok_result(env, x0, tensor_digest(x0), upstream_reports + report)
+                delay = self.drills.fires("delay_result", env.chunk_index)
+                if delay is not None:  # B8: a late result (rank 0 may cut meanwhile)
+                    await asyncio.sleep(delay.seconds)
                 await self.transport.send(0, result, [x0])
                 self._log.debug("result sent", dst=0, **ids_of(env))
             else:
@@ -222,7 +279,7 @@ class StageLeader:
                     msg = hop(env, call_kind="denoise", step=i + 1, target="latent", tensor=x_next)
                     await self.transport.send(self.role.handback_dst, msg, [x_next])
         self.recorder.span("chunk", t0_ns, env)
-        if self.fault is not None and self.fault.fires("reset_cache_one_rank", env.chunk_index):
+        if self.drills.fires("reset_cache_one_rank", env.chunk_index):
             await self._work(out_of_band_reset, self.model)  # B6: the next chunk must report it
 
     # -- worker-thread bodies (model + mesh collectives) ----------------------
@@ -249,30 +306,70 @@ class StageLeader:
             self.relay.check_digests(self.model.state_digest(), tensor_digest(last_output), env.id)
         return state
 
+    def _wrong_group_collective(self) -> None:
+        other = self.role.stage % self.role.num_stages + 1  # another stage's mesh
+        if other == self.role.stage:
+            other = 0  # a single stage: rank 0's side, which no stage may join
+        MeshComm(self.role, self.relay.comm.groups, stage=other).all_reduce(torch.zeros(1))
+
     async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self._worker.run(fn, *args)
 
+    async def _timed(self, phase: str, what: str, env: InferEnvelope, fn: Callable[..., Any], *args: Any) -> Any:
+        """``_work`` under the phase's deadline; expiry names this rank, the phase and the chunk."""
+        deadline = self._deadlines[phase]
+        limit = deadline.deadline_s(cold=self._cold)
+        t0 = time.monotonic()
+        fut = asyncio.ensure_future(self._work(fn, *args))
+        done, _ = await asyncio.wait(
+            {fut, self.fatal, self._aborted}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+        )
+        if fut in done:
+            deadline.observe(time.monotonic() - t0, cold=self._cold)
+            return fut.result()
+        if self._aborted in done:
+            raise _Aborted(self._aborted.result())
+        if self.fatal in done:
+            raise self.fatal.result()
+        raise PhaseStalled(
+            f"rank {self.role.rank} (stage {self.role.stage}) {what} of chunk {env.chunk_index} "
+            f"exceeded {limit:.1f} s",
+            rank=self.role.rank, phase=phase, chunk=env.id,
+        )
+
     # -- receiving with deadlines -----------------------------------------------
-    async def _next(self, queue: asyncio.Queue[Inbound], what: str, chunk: ChunkId | None = None) -> Inbound:
-        deadline = self._idle_s
+    async def _next(
+        self, queue: asyncio.Queue[Inbound], what: str, src: int | None, chunk: ChunkId | None = None
+    ) -> Inbound:
+        deadline = self._idle_s  # hop waits of a cold chunk get the warm-up deadline
+        if chunk is not None and self._cold:
+            deadline = max(deadline, self.config.liveness.warmup_deadline_s)
         if self._drain_by is not None:
             deadline = min(deadline, self._drain_by - time.monotonic())
         getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter, self.fatal}, timeout=max(deadline, 0.0),
+        done, _ = await asyncio.wait({getter, self.fatal, self._aborted}, timeout=max(deadline, 0.0),
                                      return_when=asyncio.FIRST_COMPLETED)
         if getter in done:
             return getter.result()
         getter.cancel()
+        if self._aborted in done:
+            raise _Aborted(self._aborted.result())
         if self.fatal in done:
             raise self.fatal.result()
         if self._drain_by is not None and time.monotonic() >= self._drain_by:
             raise WatchdogExpired(
                 "SIGTERM received and no SHUTDOWN arrived within the drain deadline", chunk=chunk
             )
-        raise WatchdogExpired(f"no message within {self._idle_s:.1f}s while waiting for {what}", chunk=chunk)
+        of_chunk = "" if chunk is None else f" of chunk {chunk.chunk_index}"
+        raise PhaseStalled(
+            f"rank {src} stopped making progress: rank {self.role.rank} (stage {self.role.stage}) got "
+            f"nothing from it for {deadline:.1f} s while waiting for {what}{of_chunk}",
+            rank=src if src is not None else -1, phase="hop wait", chunk=chunk,
+        )
 
     async def _hop(self, queue, env: InferEnvelope, kind: str, step: int, target: str) -> Inbound:
-        item = await self._next(queue, f"the {kind} hop of step {step}", env.id)
+        src = self.role.prev_rank if queue is self.upstream else self.role.handback_src
+        item = await self._next(queue, f"the {kind} hop of step {step}", src, env.id)
         msg = item.msg
         if item.error is not None:
             raise item.error
@@ -297,13 +394,15 @@ class StageLeader:
     async def _relay_error(self, msg: ErrorEnvelope) -> int:
         self._log.error("terminal action received", reason=msg.reason, origin=msg.origin_rank, **ids_of(msg))
         self.recorder.event("terminal_action", f"ERROR from rank {msg.origin_rank}: {msg.reason}")
-        await self._best_effort(self._work(self.relay.publish, msg, []))
+        if self.relay.active:  # (a stalled worker would only delay the report)
+            await self._best_effort(self._work(self.relay.publish, msg, []))
         if not self.last:
             await self._best_effort(self.transport.send(self.next_rank, msg, []))
         elif msg.origin_rank != 0:
             await self._best_effort(self.transport.send(0, error_result(msg.id, msg.reason), []))
         if self.role.handback_dst is not None:
             await self._best_effort(self.transport.send(self.role.handback_dst, msg, []))
+        await asyncio.sleep(TERMINAL_LINGER_S)
         return 1
 
     async def _terminal(self, current: Any, exc: ProtocolError | PPStageError) -> int:
@@ -318,12 +417,11 @@ class StageLeader:
         err = ErrorEnvelope(reason=reason, origin_rank=self.role.rank, **chunk.fields())
         return await self._relay_error(err)
 
-    @staticmethod
-    async def _best_effort(aw) -> None:
+    async def _best_effort(self, aw) -> None:
         try:
             await asyncio.wait_for(aw, timeout=2.0)
-        except Exception:  # the peer may already be gone; the report was logged
-            pass
+        except Exception as exc:  # the peer may already be gone; the cause was logged before
+            self._log.warning("could not pass the terminal action on", error=f"{type(exc).__name__}: {exc}")
 
 
 class MeshFollower:
@@ -339,7 +437,9 @@ class MeshFollower:
             comm, role.leader_of(role.stage), extra_collective=config.runtime.debug_extra_collective,
             device=device,
         )
-        self.fault = fault_from_env()
+        self.drills = RankDrills(config.faults, role.rank)
+        self._warmup = WarmupTracker()
+        self.cold = True  # read by the watchdog thread: a cold chunk gets the warm-up deadline
         self.last_activity = time.monotonic()
         self._log = log.bind(rank=role.rank, stage=role.stage, group=f"mesh{role.stage}")
 
@@ -353,6 +453,8 @@ class MeshFollower:
                 if isinstance(msg, InferEnvelope):
                     env = msg
                     steps = [int(t) for t in tensors["denoising_step_list"].tolist()]
+                    exit_if_drilled(self.drills, env.chunk_index, self.role.rank)
+                    self.cold = self._warmup.enter((env.num_frames, env.height, env.width, tuple(steps)))
                     self.model.begin_chunk(env, tensors["conditioning_embeds"].to(MODEL_DEVICE))
                 elif isinstance(msg, StageHop):
                     if env is None or (msg.cache_epoch, msg.call_id) != (env.cache_epoch, env.call_id):
@@ -363,7 +465,7 @@ class MeshFollower:
                         state = self.model.end_chunk()
                         self.relay.recorder.chunk(env, self.role.stage, state, self.model.state_digest(), tensor_digest(y))
                         self.relay.check_digests(self.model.state_digest(), tensor_digest(y), env.id)
-                        if self.fault is not None and self.fault.fires("reset_cache_one_rank", env.chunk_index):
+                        if self.drills.fires("reset_cache_one_rank", env.chunk_index):
                             out_of_band_reset(self.model)  # B6
                 elif isinstance(msg, ShutdownEnvelope):
                     self._log.info("shutdown", **ids_of(msg))

@@ -119,8 +119,15 @@ async def _run_actor(config, role, groups, opts: RankOptions, log, device) -> in
             loop.call_later(FATAL_GRACE_S, _hard_exit, log, exc)
 
     ending: list[bool] = []
+    abort_actor: list = []  # the leader's ``abort``, once it exists
 
     def on_terminal(msg) -> None:
+        # Said on arrival, even if the actor is mid-chunk: every rank's log names
+        # the cause (SPEC section 7), not only the wait that fails after it.
+        if getattr(msg, "reason", None) is not None:
+            log.error("terminal action arrived", origin=msg.origin_rank, reason=msg.reason)
+            for abort in abort_actor:
+                abort(msg)
         # The actor handles SHUTDOWN / ERROR itself within moments; this timer only
         # fires if it cannot (stuck in the worker), so that the process still ends.
         if not ending:
@@ -180,6 +187,7 @@ async def _run_actor(config, role, groups, opts: RankOptions, log, device) -> in
             log.info("stream complete", **(actor.gate.statistics()))
         return outcome.exit_code
     leader = StageLeader(config, role, transport, MeshComm(role, groups), fatal)
+    abort_actor.append(leader.abort)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, leader.on_sigterm)
     return await leader.run()
@@ -211,8 +219,11 @@ def _run_follower(config, role, groups, log, device) -> int:
         if drain_by is not None and time.monotonic() > drain_by:
             log.error("sigterm: no SHUTDOWN from the leader within the drain deadline")
             return EXIT_FAILED
-        if time.monotonic() - follower.last_activity > deadline:
-            log.error("watchdog: no broadcast from the stage leader", deadline_s=deadline)
+        limit = max(deadline, config.liveness.warmup_deadline_s) if follower.cold else deadline
+        if time.monotonic() - follower.last_activity > limit:
+            leader = role.leader_of(role.stage)
+            log.error(f"rank {leader} stopped making progress: rank {role.rank} (stage {role.stage} mesh) "
+                      f"got no broadcast from its leader for {limit:.1f} s", deadline_s=limit, phase="mesh collective")
             return EXIT_FAILED
     return result[0] if result else EXIT_FAILED
 

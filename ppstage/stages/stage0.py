@@ -39,6 +39,7 @@ import structlog
 import torch
 
 from protocol import (
+    ChunkId,
     ChunkResult,
     DigestMismatch,
     ErrorEnvelope,
@@ -51,13 +52,15 @@ from protocol import (
 from ppstage.config import PPStageConfig
 from ppstage.errors import (
     GateError,
+    PhaseStalled,
     PPStageError,
     StateDivergence,
     UnexpectedMessage,
     UpstreamFailed,
     WatchdogExpired,
 )
-from ppstage.faults.drills import fault_from_env
+from ppstage.faults.drills import RankDrills, stall
+from ppstage.faults.inject import exit_if_drilled, rank0_envelope_drill
 from ppstage.core.gate import EpochGate
 from ppstage.core.lifecycle import CacheLifecycle
 from ppstage.observability.logs import ids_of
@@ -71,12 +74,13 @@ from ppstage.distributed.topology import Role
 from ppstage.distributed.transport import Transport
 from ppstage.stages.envelopes import infer_envelope
 from ppstage.observability.metrics import ChunkEvents, ChunkLedger, RunSummary, summarize
-from ppstage.stages.deadlines import ResultDeadline
+from ppstage.stages.deadlines import PhaseDeadline, ResultDeadline, Running, WarmupTracker
 
 log = structlog.get_logger("ppstage.stage0")
 
-WATCHDOG_TICK_S = 0.25  # how often an owed result's deadline is re-checked
+WATCHDOG_TICK_S = 0.25  # how often an owed result's and a running phase's deadlines are re-checked
 INLINE_DIGEST_BYTES = 256 << 10  # larger results are hashed in the check worker, off the loop
+ERROR_LINGER_S = 0.3  # after sending ERROR: time for the stages to read it before our links close
 
 Sink = Callable[[ChunkPlan, torch.Tensor], None]
 
@@ -115,7 +119,7 @@ class Stage0Actor:
         self.progress = progress
         self.latents_dir = latents_dir
         self.pause_before = pause_before or {}
-        self.fault = fault_from_env()
+        self.drills = RankDrills(config.faults, role.rank)
         self.recorder = transport.recorder
         self.planner = Planner(config)
         self.gate = EpochGate()
@@ -130,7 +134,22 @@ class Stage0Actor:
         self.leader1 = role.leader_of(1)
         self.results = transport.open_inbound(role.leader_of(role.num_stages))
         rt = config.runtime
-        self.deadline = ResultDeadline(minimum_s=rt.result_deadline_min_s, factor=rt.result_deadline_factor)
+        lv = config.liveness
+        # A cold chunk's result may take the warm-up deadline plus the steady floor:
+        # the stage that is warming up (or stuck) names itself first.
+        self.deadline = ResultDeadline(
+            minimum_s=rt.result_deadline_min_s, factor=rt.result_deadline_factor,
+            warmup_s=lv.warmup_deadline_s + rt.result_deadline_min_s,
+        )
+        self._phase_deadlines = {
+            name: PhaseDeadline(name, minimum_s=lv.phase_deadline_min_s, factor=lv.phase_deadline_factor,
+                                warmup_s=lv.warmup_deadline_s)
+            for name in ("decode", "sink")
+        }
+        self._warmup = WarmupTracker()
+        self._cold: set[int] = set()  # chunk indices planned cold, until their result arrives
+        self._cold_decode: set[int] = set()  # ... and until their decode and sink are done
+        self._running: Running | None = None  # rank 0's decode or sink in progress
         self._decode_q: asyncio.Queue[tuple[ChunkPlan, torch.Tensor]] = asyncio.Queue(maxsize=rt.d_out)
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="stage0-decode")
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="stage0-build")
@@ -207,6 +226,7 @@ class Stage0Actor:
             asyncio.ensure_future(self._receive()),
             asyncio.ensure_future(self._decode()),
             asyncio.ensure_future(self._keepalive()),
+            asyncio.ensure_future(self._watch_phases()),
         ]
         producer = asyncio.ensure_future(self._produce())
         try:
@@ -220,12 +240,12 @@ class Stage0Actor:
             code, error = 1, f"{type(exc).__name__}: {exc}"
             self._log.error("pipeline failed", reason=error)
             self.recorder.event("failure", error)
-            await self._send_error(error)
+            await self._send_error(error, [producer, *tasks])
         except Exception as exc:  # a bug or a torch error: still end the chain loudly
             code, error = 1, f"{type(exc).__name__}: {exc}"
             self._log.exception("stage 0 failed")
             self.recorder.event("failure", error)
-            await self._send_error(error)
+            await self._send_error(error, [producer, *tasks])
         finally:
             for t in [producer, *tasks]:
                 t.cancel()
@@ -278,22 +298,28 @@ class Stage0Actor:
             self._plan_pending = True
             plan = self.planner.next_chunk()
             self._pending = plan
+            if self._warmup.enter((plan.denoising_step_list, plan.num_frames)):
+                self._cold.add(plan.chunk_index)
+                self._cold_decode.add(plan.chunk_index)
             if plan.init_cache and k > 0:
                 self._log.info("hard cut", forced=plan.forced_cut, **ids_of(plan))
             elif plan.rebased:
                 self._log.info("re-base", position_offset=plan.position_offset, **ids_of(plan))
             await self._wait(lambda: self._inputs_ready(plan))
+            exit_if_drilled(self.drills, plan.chunk_index, 0)
             ev = self.ledger.open(plan.chunk_index, plan.call_id, plan.cache_epoch)
             ev.build_start = time.perf_counter()
             build_ns = time.monotonic_ns()
             env, tensors = await loop.run_in_executor(self._builder, self._build, plan)
-            env = self._inject(env, tensors)
+            rewrite = None
+            if self.drills:
+                env, tensors, rewrite = rank0_envelope_drill(self.drills, env, tensors)
             ev.build_end = time.perf_counter()
             self.recorder.span("build", build_ns, plan)
             if not self.gate.in_flight():
                 self._owed_since = time.monotonic()  # a result is owed from now on
             self._expect(plan)
-            await self.transport.send(self.leader1, env, tensors)
+            await self.transport.send(self.leader1, env, tensors, drill_frame=rewrite)
             ev.sent = time.perf_counter()
             self._last_send = time.monotonic()
             self._plan_pending = False
@@ -308,17 +334,6 @@ class Stage0Actor:
 
     def _idle(self) -> bool:
         return not self.gate.in_flight() and self._decode_q.empty() and not self._decoding
-
-    def _inject(self, env, tensors: list[torch.Tensor]):
-        """Break-it faults on the send side (``ppstage/faults.py``); a no-op normally."""
-        fault = self.fault
-        if fault is None:
-            return env
-        if fault.fires("tamper_envelope", env.chunk_index):
-            tensors[0].add_(1.0)  # after the spec's digest was taken: the receiver must notice
-        if fault.fires("perturb_start_frame", env.chunk_index):
-            env = msgspec.structs.replace(env, current_start_frame=env.current_start_frame + 1)
-        return env
 
     def _inputs_ready(self, plan: ChunkPlan) -> bool:
         # A plan of a new epoch needs nothing from the old one; otherwise the
@@ -353,7 +368,10 @@ class Stage0Actor:
             verdict = self.gate.admit(msg)
             self.recorder.gate(msg, verdict.reason)
             ev = self.ledger.get(msg.chunk_index)
+            cold = msg.chunk_index in self._cold
+            self._cold.discard(msg.chunk_index)
             if not verdict.accepted:
+                self._cold_decode.discard(msg.chunk_index)
                 self._log.info("result dropped", reason=verdict.reason, **ids_of(msg))
                 self.plans.pop(msg.call_id, None)  # a stale plan is never accepted later
                 self.expected_digest.pop(msg.call_id, None)
@@ -370,7 +388,7 @@ class Stage0Actor:
             plan = self.plans.pop(msg.call_id)
             self._owed_since = time.monotonic()
             now = time.perf_counter()
-            if self._last_result_t is not None:
+            if self._last_result_t is not None and not cold:
                 self.deadline.observe(now - self._last_result_t)
             self._last_result_t = now
             if ev is not None:
@@ -398,11 +416,13 @@ class Stage0Actor:
                 return await asyncio.wait_for(self.results.get(), WATCHDOG_TICK_S)
             except asyncio.TimeoutError:
                 pass
-            deadline = self.deadline.deadline_s()
+            deadline = self.deadline.deadline_s(cold=bool(self._cold))
             if self.gate.in_flight() and time.monotonic() - self._owed_since > deadline:
-                raise WatchdogExpired(
-                    f"no result within {deadline:.1f}s with {self.gate.in_flight()} chunk(s) in flight",
-                    chunk=self.gate.oldest_owed(),
+                last = self.role.leader_of(self.role.num_stages)
+                raise PhaseStalled(
+                    f"rank 0 got no result from the pipeline (last stage leader rank {last}) within "
+                    f"{deadline:.1f} s with {self.gate.in_flight()} chunk(s) in flight",
+                    rank=last, phase="result", chunk=self.gate.oldest_owed(),
                 )
 
     def _check_result(self, msg: ChunkResult, latents_digest: str) -> None:
@@ -421,22 +441,28 @@ class Stage0Actor:
             raise GateError(f"{len(msg.stages)} stage reports, expected {self.role.num_stages}", chunk=msg.id)
 
     async def _decode(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             plan, latents = await self._decode_q.get()
-            ev = self.ledger.get(plan.chunk_index)
-            assert ev is not None  # in flight: the ledger keeps it
-            if self.gate.is_stale(plan.cache_epoch):
-                self._flush(ev)
-                continue
-            self._decoding = True
+            try:
+                await self._decode_and_emit(plan, latents)
+            finally:
+                self._cold_decode.discard(plan.chunk_index)
+
+    async def _decode_and_emit(self, plan: ChunkPlan, latents: torch.Tensor) -> None:
+        ev = self.ledger.get(plan.chunk_index)
+        assert ev is not None  # in flight: the ledger keeps it
+        if self.gate.is_stale(plan.cache_epoch):
+            self._flush(ev)
+            return
+        self._decoding = True  # until emitted: the drain waits for decode and sink
+        try:
             ev.decode_start = time.perf_counter()
             decode_ns = time.monotonic_ns()
             try:
                 first = self.stream.anchor_offsets(plan) if self._anchor_first else ()
                 parts = [None]
                 if first:
-                    parts[0] = await loop.run_in_executor(self._decoder, self._decode_part, plan, latents, first)
+                    parts[0] = await self._phase("decode", plan, self._decode_part, plan, latents, first)
                     # The producer can build the chunk that needs this anchor now; let
                     # it send before the rest of this chunk takes the decode worker.
                     self._progress.set()
@@ -444,24 +470,26 @@ class Stage0Actor:
                     await self._wait(lambda: self._pending is None or not self._inputs_ready(self._pending))
                     ev.decode_wait = time.perf_counter() - waited
                 rest = tuple(i for i in range(latents.shape[0]) if i not in first)
-                emitted = await loop.run_in_executor(self._decoder, self._decode_rest, plan, latents, first, rest, parts)
+                pixels = await self._phase("decode", plan, self._decode_rest, plan, latents, first, rest, parts)
             except StaleInputs:
-                emitted = False
-            finally:
-                self._decoding = False
+                pixels = None
             ev.decode_end = time.perf_counter()
             self.recorder.span("decode", decode_ns, plan)
-            if not emitted:
+            if pixels is None:
                 self._flush(ev)
-                continue
-            ev.emitted = time.perf_counter()
-            self.ledger.finish(ev, "emitted")
-            self.recorder.gate(plan, "emitted")
-            self.recorder.flush()
-            self._log.debug("chunk emitted", **ids_of(plan))
-            if self.progress is not None:
-                self.progress(ev)
-            self._progress.set()
+                return
+            if self.sink is not None:  # in the decode thread, under its own deadline
+                await self._phase("sink", plan, self.sink, plan, pixels)
+        finally:
+            self._decoding = False
+        ev.emitted = time.perf_counter()
+        self.ledger.finish(ev, "emitted")
+        self.recorder.gate(plan, "emitted")
+        self.recorder.flush()
+        self._log.debug("chunk emitted", **ids_of(plan))
+        if self.progress is not None:
+            self.progress(ev)
+        self._progress.set()
 
     def _record_final(self, ev: ChunkEvents) -> None:
         if self._stream is None:
@@ -481,27 +509,51 @@ class Stage0Actor:
         cost_s = self.config.runtime.simulated_decode_ms / 1e3 * len(offsets) / latents.shape[0]
         if cost_s:
             time.sleep(cost_s)  # simulated stage-0 cost (config.runtime.simulated_decode_ms)
+        drill = self.drills.fires("stall_decode", plan.chunk_index)
+        if drill is not None:
+            stall(drill)  # a hung VAE kernel: only the decode deadline can end this
         return pixels
 
-    def _decode_rest(self, plan: ChunkPlan, latents: torch.Tensor, first, rest, parts) -> bool:
-        """Decode worker: the frames not decoded yet, then emit (one hand-off for both)."""
+    def _decode_rest(self, plan: ChunkPlan, latents: torch.Tensor, first, rest, parts) -> torch.Tensor | None:
+        """Decode worker: the frames not decoded yet, then the chunk's pixels in frame order
+        (one hand-off for both); None when a cut made the chunk stale meanwhile."""
         parts = [*parts, self._decode_part(plan, latents, rest)]
-        return self._emit(plan, (first, rest), parts)
-
-    def _emit(self, plan: ChunkPlan, offsets, parts) -> bool:
-        """Decode worker: the chunk's pixels in frame order, to the sink, unless a cut made it stale."""
         if self.gate.is_stale(plan.cache_epoch):
-            return False
-        parts = [(o, p) for o, p in zip(offsets, parts) if p is not None]
+            return None
+        parts = [(o, p) for o, p in zip((first, rest), parts) if p is not None]
         if len(parts) == 1:
-            pixels = parts[0][1]
-        else:
-            pixels = torch.empty((sum(len(o) for o, _ in parts), *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
-            for o, p in parts:
-                pixels[list(o)] = p
-        if self.sink is not None:
-            self.sink(plan, pixels)  # called in this worker thread, never on the loop
-        return True
+            return parts[0][1]
+        pixels = torch.empty((sum(len(o) for o, _ in parts), *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
+        for o, p in parts:
+            pixels[list(o)] = p
+        return pixels
+
+    async def _phase(self, name: str, plan: ChunkPlan, fn: Callable, *args):
+        """Run ``fn`` in the decode thread as phase ``name``, watched by ``_watch_phases``."""
+        cold = plan.chunk_index in self._cold_decode
+        deadline = self._phase_deadlines[name]
+        t0 = time.monotonic()
+        self._running = Running(name, plan.chunk_index, t0, deadline.deadline_s(cold=cold))
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
+        finally:
+            self._running = None
+        deadline.observe(time.monotonic() - t0, cold=cold)
+        return out
+
+    async def _watch_phases(self) -> None:
+        """Fail, naming rank 0's phase and chunk, when a decode or sink exceeds its deadline."""
+        while True:
+            await asyncio.sleep(WATCHDOG_TICK_S)
+            running = self._running
+            if running is not None and running.overdue(time.monotonic()):
+                plan = self.ledger.get(running.chunk_index)
+                raise PhaseStalled(
+                    f"rank 0 {running.phase} of chunk {running.chunk_index} exceeded "
+                    f"{running.deadline_s:.1f} s",
+                    rank=0, phase=running.phase,
+                    chunk=None if plan is None else ChunkId(plan.call_id, plan.chunk_index, plan.cache_epoch),
+                )
 
     def _flush(self, ev: ChunkEvents) -> None:
         self.ledger.finish(ev, "flushed")
@@ -517,7 +569,7 @@ class Stage0Actor:
             await asyncio.sleep(interval / 4)
             if self._plan_pending or time.monotonic() - self._last_send < interval:
                 continue
-            if self.fault is not None and self.fault.kind == "no_keepalives":
+            if self.drills.has("no_keepalives"):
                 continue  # the control case of the keepalive test: the stages' watchdogs must fire
             chunk = self.planner.control_ids()
             await self.transport.send(self.leader1, NoopEnvelope(**chunk.fields()), [])
@@ -535,15 +587,20 @@ class Stage0Actor:
                 chunk=self.gate.oldest_owed(),
             ) from None
 
-    async def _send_error(self, reason: str) -> None:
+    async def _send_error(self, reason: str, tasks: list[asyncio.Future]) -> None:
+        for t in tasks:  # no keepalive or envelope may follow the ERROR
+            t.cancel()
         chunk = self.planner.control_ids()
         try:
             await asyncio.wait_for(
                 self.transport.send(self.leader1, ErrorEnvelope(reason=reason, origin_rank=0, **chunk.fields()), []),
                 timeout=2.0,
             )
-        except Exception:  # the chain may already be gone; the error was logged
-            pass
+            # A moment for the stages to read the reason before this rank's links
+            # close under them (they would report a dead channel instead).
+            await asyncio.sleep(ERROR_LINGER_S)
+        except Exception as exc:  # the chain may already be gone; the cause was logged above
+            self._log.warning("could not send ERROR down the chain", error=f"{type(exc).__name__}: {exc}")
 
     async def _wait(self, cond: Callable[[], bool]) -> None:
         while not cond():

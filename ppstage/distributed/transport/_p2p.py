@@ -40,7 +40,7 @@ from ppstage.errors import ChannelDead
 from ppstage.distributed.devices import after_receive, before_send, comm_stream, on_stream
 from ppstage.distributed.topology import ProcessGroups, Role
 from ppstage.distributed.transport._frames import FrameReader, FrameWriter, preamble_capacity
-from ppstage.distributed.transport._tensors import make_spec, prepare_tensors, rebuild
+from ppstage.distributed.transport._tensors import frame_limit_bytes, make_spec, prepare_tensors, rebuild
 from ppstage.observability.recorder import current as current_recorder
 
 # After either of these goes out or comes in, the stream is ending by protocol:
@@ -161,6 +161,12 @@ class Transport:
         self._inbound: dict[int, asyncio.Queue[Inbound]] = {}
         self._dead: set[int] = set()  # destinations whose channel is poisoned
         self._closed = False
+        # Guards ``_closed`` + queueing: a send racing ``close`` is either queued
+        # before the sentinel (and goes out) or refused; it never waits forever.
+        self._close_lock = threading.Lock()
+        # The largest frame this geometry allows; a header announcing more is
+        # refused before any receive buffer is allocated.
+        self._max_frame_bytes = frame_limit_bytes(geometry)
         self._ending = False  # a terminal action went out or came in
         self._log = structlog.get_logger("ppstage.distributed.transport").bind(rank=role.rank, stage=role.stage)
         self._sender = threading.Thread(
@@ -199,6 +205,7 @@ class Transport:
         tensors: Sequence[torch.Tensor] = (),
         *,
         fill_digests: bool = False,
+        drill_frame: Callable[[bytes], bytes] | None = None,
     ) -> None:
         """Send ``msg`` and its tensors (in spec order) to ``dst_rank``.
 
@@ -213,9 +220,16 @@ class Transport:
         NCCL: enqueued on the stream). A failure at that point raises
         ``ChannelDead`` here and also reports it through ``on_fatal``.
         Cancelling the await does not withdraw a queued frame.
+
+        ``drill_frame`` is for fault drills only (``ppstage.faults``): ``validate``
+        is skipped and the encoded header is passed through it, so that a
+        receiver can be tested with a frame its sender would have refused.
         """
-        item = self._preflight(dst_rank, msg, tensors, fill_digests)
-        self._outbox.put(item)
+        item = self._preflight(dst_rank, msg, tensors, fill_digests, drill_frame)
+        with self._close_lock:
+            if self._closed:
+                raise ChannelDead(f"transport closed: send to rank {dst_rank} refused", chunk=ChunkId.find(msg))
+            self._outbox.put(item)
         await item.future
 
     def close(self) -> None:
@@ -227,10 +241,11 @@ class Transport:
         exit ends. Do not call ``torch.distributed.destroy_process_group`` while
         they are blocked (gloo aborts the process); just exit.
         """
-        if self._closed:
-            return
-        self._closed = True
-        self._outbox.put(None)
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._outbox.put(None)
 
     @property
     def closed(self) -> bool:
@@ -238,7 +253,12 @@ class Transport:
 
     # -- preflight (caller's thread) ---------------------------------------------
     def _preflight(
-        self, dst: int, msg: WireMessage, tensors: Sequence[torch.Tensor], fill_digests: bool
+        self,
+        dst: int,
+        msg: WireMessage,
+        tensors: Sequence[torch.Tensor],
+        fill_digests: bool,
+        drill_frame: Callable[[bytes], bytes] | None = None,
     ) -> _Outgoing:
         chunk = ChunkId.find(msg)
         if self._closed:
@@ -249,14 +269,19 @@ class Transport:
         try:
             if not isinstance(msg, WIRE_TYPES):
                 raise MetadataError(f"{type(msg).__name__} is not a wire message", chunk=chunk)
-            if action_of(msg) != "HELLO":
+            # Exact field types first (encode, then decode with the receiver's strict
+            # decoder): a float in an int field must be named as such, not trip validate.
+            header, meta = encode_frame(msg)
+            if action_of(msg) != "HELLO" and drill_frame is None:
                 validate(msg, self.geometry)
             specs, payload = prepare_tensors(
                 msg.tensors, tensors, self.device, fill_digests=fill_digests, chunk=chunk
             )
             if fill_digests:
                 msg = msgspec.structs.replace(msg, tensors=specs)
-            header, meta = encode_frame(msg)
+                header, meta = encode_frame(msg)
+            if drill_frame is not None:
+                header = drill_frame(header)
         except ProtocolError:
             raise
         except Exception as exc:  # e.g. a field of the wrong type trips validate()
@@ -275,6 +300,8 @@ class Transport:
             while True:
                 item = self._outbox.get()
                 if item is None:
+                    # ``close`` queued the sentinel under the lock, after which no
+                    # send can queue: nothing is left behind unsettled.
                     return
                 before_send(stream, item.payload)
                 self._send_one(writer, item)
@@ -329,6 +356,16 @@ class Transport:
                 waiting_for = "metadata"
                 meta = reader.receive_meta(header.meta_len, framed)
                 msg = decode_metadata(header, head, meta)
+                # Metadata and geometry are checked before any tensor is received into
+                # a buffer: a corrupted or hostile spec never makes this rank allocate.
+                error = self._validate(msg, chunk)
+                total = sum(spec.nbytes for spec in msg.tensors)
+                if total > self._max_frame_bytes:
+                    raise FramingError(
+                        f"frame from rank {src} announces {total} tensor bytes, over the "
+                        f"{self._max_frame_bytes} this geometry allows; refused before allocation",
+                        chunk=chunk,
+                    )
                 flats = reader.receive_tensors(head, header.meta_len, msg.tensors, framed, on_tensor)
                 after_receive(stream, flats)
                 received_ns = time.monotonic_ns()
@@ -352,7 +389,8 @@ class Transport:
                 self._fatal(FramingError(f"undecodable frame from rank {src}: {exc!r}", chunk=chunk))
                 return
             tensors = {spec.name: rebuild(spec, flat) for spec, flat in zip(msg.tensors, flats)}
-            error = self._check(msg, flats, msg.id)
+            if error is None:
+                error = self._check_digests(msg, flats, msg.id)
             action = action_of(msg)
             if action in TERMINAL_ACTIONS:
                 self._ending = True
@@ -377,9 +415,17 @@ class Transport:
         except Exception as exc:
             raise _LinkFailure(exc) from exc
 
-    def _check(self, msg: WireMessage, flats: list[torch.Tensor], chunk: ChunkId) -> ProtocolError | None:
+    def _validate(self, msg: WireMessage, chunk: ChunkId | None) -> ProtocolError | None:
         try:
             validate(msg, self.geometry)
+        except ProtocolError as exc:
+            return exc
+        except Exception as exc:  # defensive: never let a checker kill the link
+            return MetadataError(f"message could not be checked: {exc!r}", chunk=chunk)
+        return None
+
+    def _check_digests(self, msg: WireMessage, flats: list[torch.Tensor], chunk: ChunkId) -> ProtocolError | None:
+        try:
             for spec, flat in zip(msg.tensors, flats):
                 if spec.digest is not None:
                     check_tensor_digest(spec, memoryview(_host_array(flat)), chunk=chunk)

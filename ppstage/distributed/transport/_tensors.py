@@ -12,9 +12,12 @@ from typing import Sequence
 import msgspec
 import torch
 
-from protocol import DTYPE_ITEMSIZE, ChunkId, TensorSpec, TensorSpecError
+from protocol import DTYPE_ITEMSIZE, MAX_TENSORS, ChunkId, TensorSpec, TensorSpecError, WireGeometry
+from protocol.codec import MAX_TENSOR_BYTES
 
 from ppstage.digests import byte_view, tensor_digest
+
+MAX_STEPS = 1000  # a step list holds at most one entry per timestep in (0, 1000]
 
 WIRE_DTYPE: dict[torch.dtype, str] = {
     torch.float32: "float32",
@@ -94,6 +97,24 @@ def prepare_tensors(
     return tuple(out_specs), tuple(out_bytes)
 
 
+def frame_limit_bytes(geometry: WireGeometry | None) -> int:
+    """The most tensor bytes one frame may carry under ``geometry``.
+
+    Twice the largest legitimate frame (an envelope with the largest context,
+    or a hop of the largest hidden state), so that a valid frame is never near
+    it; without a geometry, the codec's own bound. A receiver refuses a frame
+    announcing more before it allocates anything.
+    """
+    if geometry is None:
+        return MAX_TENSORS * MAX_TENSOR_BYTES
+    g = geometry
+    frame = g.latent_channels * g.height * g.width * 4
+    frames = max(g.num_frames, g.max_context_frames)
+    envelope = (g.num_frames + g.max_context_frames) * frame + g.text_tokens * g.text_dim * 4 + MAX_STEPS * 8
+    hop = frames * g.tokens_per_frame * g.hidden_dim * 4 + frames * frame
+    return 2 * max(envelope, hop)
+
+
 def rebuild(spec: TensorSpec, flat: torch.Tensor) -> torch.Tensor:
     """The tensor ``spec`` describes, viewing received bytes ``flat`` (no copy)."""
     return flat.view(TORCH_DTYPE[spec.dtype]).reshape(spec.shape)
@@ -102,6 +123,7 @@ def rebuild(spec: TensorSpec, flat: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "TORCH_DTYPE",
     "WIRE_DTYPE",
+    "frame_limit_bytes",
     "make_spec",
     "prepare_tensors",
     "rebuild",
