@@ -42,7 +42,7 @@ from wire_samples import infer_envelope as sample_envelope
 
 from ppstage.config import PPStageConfig
 from ppstage.distributed.topology import ProcessGroups, build_groups, role_for
-from ppstage.distributed.transport import Transport, byte_view, make_spec
+from ppstage.distributed.transport import FrameWriter, Transport, byte_view, make_spec, preamble_capacity
 from ppstage.distributed.transport._tensors import frame_limit_bytes
 from ppstage.errors import ChannelDead
 from ppstage.model.reference import StreamScript, run_reference
@@ -323,7 +323,8 @@ def test_b17_when_the_launcher_dies_every_rank_exits_within_the_watchdog_window(
     ranks: list[int] = []
     try:
         end = time.monotonic() + 60
-        while len(list((out / "latents").glob("*.f32"))) < 2:
+        stream = out / "chunks.jsonl"  # one line per finished chunk (the demo writes no latents here)
+        while not stream.exists() or len(stream.read_text().splitlines()) < 2:
             assert proc.poll() is None and time.monotonic() < end, "demo made no progress"
             time.sleep(0.1)
         ranks = _children(proc.pid)
@@ -347,6 +348,7 @@ def test_b17_when_the_launcher_dies_every_rank_exits_within_the_watchdog_window(
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        proc.wait()  # reaped on every path
 
 
 def _state(pid: int) -> str:
@@ -549,8 +551,10 @@ def _oversize_worker(ctx):
             msg = sample_envelope(recompute=False)
             big = msgspec.structs.replace(msg.tensors[0], shape=(1 << 24, 4), nbytes=1 << 28)
             head, meta = encode_frame(msgspec.structs.replace(msg, tensors=(big, *msg.tensors[1:])))
-            for raw in (head, meta):
-                dist.send(torch.frombuffer(bytearray(raw), dtype=torch.uint8), dst=1, group=groups.link(0, 1))
+            # The frame's preamble (header + metadata) goes out as the transport's own
+            # writer frames it; the 256 MiB it announces never follow.
+            writer = FrameWriter(torch.device("cpu"), preamble_capacity("gloo"), exact=False)
+            writer.send(head, meta, (), lambda buf: dist.send(buf, dst=1, group=groups.link(0, 1)))
             await asyncio.sleep(2.0)
             return {}
         import resource

@@ -8,7 +8,6 @@ every command. A typed runtime error of a run that started ends with exit 1.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -33,11 +32,12 @@ BAD_CONFIGS = {
     "inconsistent": ("[topology]\nstages = 9\n", "stages"),
     "unknown-backend": ("[model]\nbackend = 'no-such-model'\n", "model.backend"),
 }
-# Commands that read --config; bench takes none.
-CONFIG_COMMANDS = [c for c in COMMANDS if c != "bench"]
+# Commands that read --config; bench takes none, log and replay read message logs (below).
+LOG_COMMANDS = {"log": ["inspect"], "replay": []}
+CONFIG_COMMANDS = [c for c in COMMANDS if c != "bench" and c not in LOG_COMMANDS]
 COMMAND_ARGS = {"demo": ["--chunks", "2", "--no-check"], "launch": ["--chunks", "2"], "plan": ["--chunks", "2"],
                 "reference": ["--chunks", "1"], "quality": ["--chunks", "1"], "config": [],
-                "serve": ["--port", "0"]}
+                "serve": ["--port", "0"], "soak": ["--chunks", "2"]}
 
 BAD_FLAGS = [
     ("demo", ["--chunks", "0"]),
@@ -61,6 +61,12 @@ BAD_FLAGS = [
     ("bench", ["protocol", "--iterations", "0"]),
     ("serve", []),  # --config is required
     ("serve", ["--config", "x.toml", "--port", "70000"]),
+    ("soak", ["--stages", "0"]),
+    ("soak", ["--max-delay-ms", "-1"]),
+    ("log", []),  # a subcommand is required
+    ("log", ["inspect"]),  # at least one LOG
+    ("replay", ["x.ppslog", "--from-epoch", "-1"]),
+    ("replay", ["x.ppslog", "--bisect", "--inject", "stale"]),
     ("nosuchcommand", []),
     ("demo", ["--no-such-flag"]),
 ]
@@ -88,7 +94,7 @@ def assert_one_line_error(
 
 
 def test_every_command_is_covered():
-    assert set(CONFIG_COMMANDS) | {"bench"} == set(COMMANDS)
+    assert set(CONFIG_COMMANDS) | {"bench"} | set(LOG_COMMANDS) == set(COMMANDS)
     assert {c for c, _ in BAD_FLAGS} >= set(COMMANDS)
 
 
@@ -106,6 +112,27 @@ def test_a_bad_config_ends_with_one_line_and_status_2(tmp_path, command):
     for case, future in done.items():
         assert_one_line_error(future.result(), command, 2, runs[case][1], case=case)
     assert not list(tmp_path.glob("ppstage-demo-*")) and not (tmp_path / "out").exists()  # nothing ran
+
+
+# name -> (file bytes or None for a missing file, a word the one-line message must contain)
+BAD_LOGS = {
+    "missing-file": (None, "No such file"),
+    "random-bytes": (bytes(range(256)) * 4, "ppslog"),
+    "empty": (b"", "ppslog"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(LOG_COMMANDS))
+def test_a_bad_message_log_ends_with_one_line_and_status_2(tmp_path, command):
+    for case, (data, word) in BAD_LOGS.items():
+        path = tmp_path / f"{case}.ppslog"
+        if data is not None:
+            path.write_bytes(data)
+        proc = ppstage([command, *LOG_COMMANDS[command], str(path)], tmp_path)
+        output = proc.stdout + proc.stderr
+        assert "Traceback" not in output, (case, output)
+        assert proc.returncode == 2, (case, output)
+        assert word in proc.stderr, (case, proc.stderr)
 
 
 def test_a_bad_flag_is_a_usage_error_with_status_2(tmp_path):
@@ -139,10 +166,11 @@ def test_a_typed_runtime_error_ends_with_one_line_and_status_1(monkeypatch, caps
 
 def test_a_demo_run_that_fails_reports_it_and_exits_1(tmp_path):
     # A tampered envelope (break-it B5): the run starts, the receiving leader refuses it.
-    fault = json.dumps({"kind": "tamper_envelope", "chunk_index": 1})
+    drill = tmp_path / "drill.toml"
+    drill.write_text('[[faults.drill]]\nkind = "corrupt_envelope"\nrank = 0\nchunk = 1\n')
     out = tmp_path / "run"
-    proc = ppstage(["demo", "--chunks", "4", "--quiet", "--out", str(out), "--timeout", "150"], tmp_path,
-                   env={"PPSTAGE_FAULT": fault}, timeout=200)
+    proc = ppstage(["demo", "--chunks", "4", "--quiet", "--config", str(drill), "--out", str(out),
+                    "--timeout", "150"], tmp_path, timeout=200)
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAILED" in proc.stderr and "DigestMismatch" in proc.stderr

@@ -16,11 +16,12 @@ import signal
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from protocol.msglog import ChunkRecord, EventRecord, LogHeader, MessageRecord, encode_log, read_log
 from ppstage.cli import main
-from ppstage.config import PPStageConfig
+from ppstage.config import Drill, FaultsConfig, PPStageConfig
 from ppstage.replay.inject import inject
 from ppstage.replay.runlog import RunLogs
 from ppstage.replay.verify import bisect, replay
@@ -42,6 +43,11 @@ def config_for(mode: str = "r0a", **runtime) -> PPStageConfig:
         "runtime.drain_deadline_s": 10.0,
         **{f"runtime.{k}": v for k, v in runtime.items()},
     })
+
+
+def with_drill(config: PPStageConfig, kind: str, rank: int, chunk: int) -> PPStageConfig:
+    """``config`` with one fault drill (part of every rank's config, so parity passes)."""
+    return msgspec.structs.replace(config, faults=FaultsConfig(drill=(Drill(kind=kind, rank=rank, chunk=chunk),)))
 
 
 def record_run(out: Path, config: PPStageConfig, *, chunks: int, args=(), env=None, timeout=60.0):
@@ -195,8 +201,8 @@ def test_clock_alignment_undoes_a_skewed_rank_clock(recorded, tmp_path):
 def test_bisect_names_the_first_chunk_and_rank_of_an_injected_divergence(tmp_path, capsys):
     # B6: after chunk 1, rank 2 (stage 2's leader) zeroes its KV cache and tells no one.
     # R1: a recompute would rebuild the cache and repair it.
-    fault = {2: {"PPSTAGE_FAULT": json.dumps({"kind": "reset_cache_one_rank", "chunk_index": 1})}}
-    pipe, codes, rec = record_run(tmp_path, config_for("r1"), chunks=4, env=fault)
+    config = with_drill(config_for("r1"), "reset_cache_one_rank", rank=2, chunk=1)
+    pipe, codes, rec = record_run(tmp_path, config, chunks=4)
     assert all(c not in (0, None) for c in codes), codes
     report = bisect(RunLogs.load([rec]))
     check, cause = report.first_departure()
@@ -253,9 +259,8 @@ def test_a_killed_peer_leaves_flight_records_that_name_the_dead_channel(tmp_path
 
 
 def test_a_watchdog_expiry_leaves_a_flight_record(tmp_path):
-    fault = {2: {"PPSTAGE_FAULT": json.dumps({"kind": "stall_generator_call", "chunk_index": 1})}}
-    config = config_for("r1", result_deadline_min_s=2.0)
-    pipe = start_pipeline(config, tmp_path, chunks=4, launch_args=["--quiet"], env_overrides=fault)
+    config = with_drill(config_for("r1", result_deadline_min_s=2.0), "stall_generator_call", rank=2, chunk=1)
+    pipe = start_pipeline(config, tmp_path, chunks=4, launch_args=["--quiet"])
     try:
         codes = pipe.wait(60.0, grace_s=20.0)
     finally:
@@ -263,7 +268,8 @@ def test_a_watchdog_expiry_leaves_a_flight_record(tmp_path):
     assert all(c not in (0, None) for c in codes), codes
     dump = read_log(tmp_path / "rank0.flight.ppslog")
     failures = [r.detail for r in dump.records if isinstance(r, EventRecord) and r.name == "failure"]
-    assert failures and "WatchdogExpired" in failures[0]
+    # Rank 0's result deadline (2 s) fires first and names the stalled last stage leader.
+    assert failures and failures[0].startswith("PhaseStalled") and "rank 2" in failures[0], failures
     assert json.loads((tmp_path / "summary.json").read_text())["flight_record"].endswith("rank0.flight.ppslog")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ppstage.cli.args import non_negative_int, positive_float
+
 HELP = ("replay message logs: --verify (default) against the reference or a fresh pipeline, "
         "--bisect a divergence, --inject duplicate|delay|reorder|stale into the epoch gate")
 
@@ -18,11 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--bisect", action="store_true", help="name the first chunk and rank whose state departs")
     what.add_argument("--inject", choices=("duplicate", "delay", "reorder", "stale"),
                       help="re-feed rank 0's result stream into the epoch gate with this perturbation")
-    p.add_argument("--from-epoch", type=int, default=None, metavar="E",
+    p.add_argument("--from-epoch", type=non_negative_int, default=None, metavar="E",
                    help="start at epoch E's init_cache chunk (default: the first epoch boundary)")
     p.add_argument("--pipeline", action="store_true",
                    help="verify with a fresh local gloo pipeline instead of the reference")
-    p.add_argument("--timeout", type=float, default=300.0, help="--pipeline: give up after this many seconds")
+    p.add_argument("--timeout", type=positive_float, default=300.0, help="--pipeline: give up after this many seconds")
 
 
 def run(args: argparse.Namespace) -> int:

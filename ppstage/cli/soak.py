@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 
-from ppstage.cli.args import positive_int
+from ppstage.cli.args import non_negative_float, non_negative_int, positive_float, positive_int
 
 HELP = ("soak a local pipeline: random cuts, prompt and bias changes and delays for N chunks; "
         "reports stale and out-of-order emissions, drops, queue depths and per-rank RSS growth")
@@ -15,30 +14,30 @@ HELP = ("soak a local pipeline: random cuts, prompt and bias changes and delays 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=positive_int, default=2000)
     p.add_argument("--seed", type=int, default=0, help="seed of the random stream")
-    p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--stages", type=positive_int, default=2)
+    p.add_argument("--tp", type=positive_int, default=1)
     p.add_argument("--mode", choices=("r1", "r0a"), default=None, help="recompute mode (default: config's)")
     p.add_argument("--config", default=None, help="TOML config file")
-    p.add_argument("--warmup-chunks", type=int, default=None, help="RSS baseline after this many (default N/10, >= 20)")
-    p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest random idle delay before a chunk")
+    p.add_argument("--warmup-chunks", type=non_negative_int, default=None, help="RSS baseline after this many (default N/10, >= 20)")
+    p.add_argument("--max-delay-ms", type=non_negative_float, default=5.0, help="longest random idle delay before a chunk")
     p.add_argument("--check", action="store_true", help="also compare every emitted chunk with the reference")
     p.add_argument("--out", default=None, help="directory for logs and the summary (default: a temp dir)")
-    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--timeout", type=positive_float, default=3600.0)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppstage.bench.soak import format_report, run_soak
-    from ppstage.config import ConfigError, PPStageConfig
+    from ppstage.config import PPStageConfig
 
-    try:
-        cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
-        overrides: dict[str, object] = {"topology.stages": args.stages, "topology.tp": args.tp}
-        if args.mode:
-            overrides["recompute.mode"] = args.mode
-        cfg = cfg.with_overrides(overrides)
-    except ConfigError as exc:
-        print(f"ppstage soak: {exc}", file=sys.stderr)
-        return 2
+    # A bad config raises ConfigError: one line and exit 2 at the CLI boundary.
+    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
+    overrides: dict[str, object] = {"topology.stages": args.stages, "topology.tp": args.tp}
+    if args.mode:
+        overrides["recompute.mode"] = args.mode
+    cfg = cfg.with_overrides(overrides)
+    from ppstage.bench.soak import format_report, run_soak
+    from ppstage.model.loader import load_backend
+
+    load_backend(cfg)  # an unknown [model] backend is refused before any rank starts
     out = args.out or tempfile.mkdtemp(prefix="ppstage-soak-")
     print(f"ppstage soak: {args.chunks} chunks, seed {args.seed}, mode {cfg.recompute.mode}, "
           f"{cfg.topology.world_size} processes, logs in {out}", flush=True)
