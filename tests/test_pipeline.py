@@ -214,7 +214,7 @@ def test_sigterm_to_the_demo_command_drains_and_exits_zero(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "ppstage.cli", "demo", "--chunks", "100000", "--no-check", "--out", str(out)]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=tmp_path
     )
     try:
         end = time.monotonic() + 60
@@ -292,7 +292,8 @@ def test_launch_runs_each_rank_under_torchrun(tmp_path):
         "-m", "ppstage.cli", "launch", "--config", str(cfg), "--chunks", "6", "--quiet",
         "--summary-out", str(summary),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            cwd=tmp_path)
     try:
         out, _ = proc.communicate(timeout=120)
     finally:

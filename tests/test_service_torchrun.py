@@ -99,7 +99,9 @@ async def test_restart_generation_and_a_dead_agent_under_torchrun(tmp_path):
     log = tmp_path / "torchrun.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     with open(log, "wb") as f:
-        agent = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # cwd: a failing rank's flight record lands in the test's directory, never the checkout.
+        agent = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                 cwd=tmp_path)
     svc = ServiceProc(agent, f"http://127.0.0.1:{port}", tmp_path, log)
     try:
         await wait_ready(svc, 120)
@@ -161,7 +163,8 @@ async def test_two_node_launch_serves_and_a_dead_agent_ends_every_worker(tmp_pat
             "-m", "ppstage.cli", "serve", "--config", str(cfg), "--port", str(port),
         ]
         log = open(tmp_path / f"agent-{local_addr}.log", "wb")
-        agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                       cwd=tmp_path))
         log.close()
     svc = ServiceProc(agents[0], f"http://127.0.0.1:{port}", tmp_path, tmp_path / "agent-127.0.0.1.log")
     try:
