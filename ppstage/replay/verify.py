@@ -209,7 +209,7 @@ def _raise(plan: ChunkPlan, check: ChunkCheck) -> None:
     raise ReplayMismatch(
         f"chunk {plan.chunk_index} (epoch {plan.cache_epoch}, call {plan.call_id}): {d.where} "
         f"{d.field} recorded {d.recorded[:16]}, replay gives {d.replayed[:16]}",
-        chunk_index=plan.chunk_index, cache_epoch=plan.cache_epoch, where=d.where, field=d.field,
+        chunk=plan.id, where=d.where, field=d.field,
         recorded=d.recorded, replayed=d.replayed,
     )
 
