@@ -13,6 +13,7 @@ from ppstage.config import PPStageConfig
 from ppstage.model.quality import (
     QualityError,
     check_quality_report,
+    first_decoded_anchor_chunk,
     psnr_db,
     quality_config_digest,
     read_report,
@@ -99,3 +100,17 @@ def test_a_stored_report_enables_r0_only_for_the_same_config_and_a_pass(tmp_path
         check_quality_report(r0_config)
     with pytest.raises(QualityError):
         check_quality_report(config)  # no report configured
+
+
+def test_a_report_that_ends_before_the_first_decoded_anchor_does_not_enable_r0(tmp_path):
+    # Until the first decoded anchor, R0 and R0a build the same context: such a report
+    # passes trivially (min PSNR inf) and must not unlock R0.
+    config = PPStageConfig()
+    first = first_decoded_anchor_chunk(config)
+    empty = run_quality(config, candidate="r0", chunks=first, threshold_db=0.0)
+    assert empty.passed and empty.min_psnr_db is None
+    path = tmp_path / "r0.json"
+    write_report(path, empty)
+    r0_config = config.with_overrides({"recompute.mode": "r0", "recompute.r0_quality_report": str(path)})
+    with pytest.raises(QualityError, match="first decoded anchor"):
+        check_quality_report(r0_config)

@@ -326,3 +326,19 @@ def test_bench_record_measures_the_hook_cost_from_a_real_log():
 
     seconds, chunks = hook_cost_per_chunk(GOLDEN, RunLogs.load([GOLDEN]).config())
     assert chunks == 4 and 0 < seconds < 1.0  # a figure, not a target: the target is printed, never asserted
+
+
+def test_logs_of_two_runs_are_refused_naming_the_odd_file(tmp_path, capsys):
+    # A directory reused by a smaller run keeps the old run's rank<r> files; a command line may
+    # name two runs. Replaying them together would blame a rank for another run's state.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(GOLDEN, mixed)
+    (mixed / "rank3.ppslog").write_bytes((GOLDEN / "rank1.ppslog").read_bytes())  # rank 1 again, renamed
+    assert main(["replay", str(mixed)]) == 2
+    assert "both rank 1's log" in capsys.readouterr().err
+    other = read_log(GOLDEN / "rank2.ppslog")
+    renamed = msgspec.structs.replace(other.header, config_digest="0" * 32)
+    (mixed / "rank3.ppslog").unlink()
+    (mixed / "rank2.ppslog").write_bytes(encode_log(renamed, other.records))
+    assert main(["replay", str(mixed)]) == 2
+    assert "is not of the same run" in capsys.readouterr().err

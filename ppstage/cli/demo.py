@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     for v in args.prompt_at:
         launch_args += ["--prompt-at", v]
     if args.record:
-        launch_args += ["--record", args.record]
+        # Checked here, not in every rank: a bad path is one line and exit 2, before anything starts.
+        Path(args.record).mkdir(parents=True, exist_ok=True)
+        launch_args += ["--record", str(Path(args.record).resolve())]
     # Latents go to disk only for the tensor-parallel tolerance check; tp == 1 compares digests.
     write_latents = not args.no_check and t.tp > 1
     pipe = start_pipeline(cfg, out, chunks=args.chunks, launch_args=launch_args,
@@ -160,6 +162,6 @@ def _check_and_summarize(args, cfg, script, pipe, result: dict) -> int:
     else:
         print("\nsummary")
         print(format_summary(result["summary"], check, **shape))
-    if not args.no_check and not args.quiet:
+    if not args.no_check:
         print(_positions_line(records, cfg))
     return 0 if check is None or check.ok else 1

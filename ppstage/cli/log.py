@@ -47,7 +47,15 @@ def run(args: argparse.Namespace) -> int:
     except (ReplayError, OSError) as exc:
         print(f"ppstage log {args.log_command}: {exc}", file=sys.stderr)
         return 1
+    _report_damage(run_logs, args.log_command)
     return EXIT_DAMAGED if run_logs.damaged else 0
+
+
+def _report_damage(run_logs, command: str) -> None:
+    """One located line per damaged log: what was read stands, the rest is named."""
+    for lg in run_logs.damaged:
+        print(f"ppstage log {command}: {type(lg.error).__name__}: {lg.error} "
+              f"({lg.error.record} records before it are readable)", file=sys.stderr)
 
 
 def _inspect(run_logs) -> int:
@@ -55,7 +63,10 @@ def _inspect(run_logs) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(highlight=False, width=140)
+    from ppstage.cli.output import is_terminal
+
+    # On a terminal: boxed tables; piped: plain "key  value" lines (README's promise for every table).
+    console = Console(highlight=False, width=140) if is_terminal() else None
     for lg in run_logs.logs:
         s = lg.summary()
         table = Table(title=Text(str(s["file"])), show_header=False, title_justify="left")
@@ -69,10 +80,13 @@ def _inspect(run_logs) -> int:
         for f in s["failures"]:  # type: ignore[union-attr]
             table.add_row(*_plain("failure", str(f)))
         table.add_row(*_plain("status", str(s["status"])))
-        console.print(table)
-    for lg in run_logs.damaged:
-        print(f"ppstage log inspect: {type(lg.error).__name__}: {lg.error} "
-              f"({lg.error.record} records before it are readable)", file=sys.stderr)
+        if console is not None:
+            console.print(table)
+        else:
+            print(s["file"])
+            for key, value in zip(table.columns[0].cells, table.columns[1].cells):
+                print(f"  {str(key):<9} {value}")
+    _report_damage(run_logs, "inspect")
     return EXIT_DAMAGED if run_logs.damaged else 0
 
 

@@ -52,9 +52,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(checks, title: str):
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    from ppstage.cli.output import is_terminal
+
+    # Piped: no box and no wrapping, so the lines stay greppable (README: plain when not a terminal).
+    table = Table(title=title, title_justify="left", box=box.SQUARE if is_terminal() else None)
     for col in ("chunk", "epoch", "call", "compared", "result"):
         table.add_column(col, justify="right" if col != "result" else "left")
     for c in checks:
@@ -70,7 +74,9 @@ def _verify(run_logs, from_epoch: int | None, pipeline: bool, timeout: float) ->
     from ppstage.replay.errors import ReplayMismatch
     from ppstage.replay.verify import replay
 
-    console = Console(highlight=False, stderr=False)
+    from ppstage.cli.output import is_terminal
+
+    console = Console(highlight=False, stderr=False, width=None if is_terminal() else 200)
     if pipeline:
         from ppstage.replay.pipeline import replay_pipeline
 

@@ -139,8 +139,26 @@ def _run_rank(config, options, args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _port_free(host: str, port: int) -> None:
+    """Refuse a taken port before any rank starts (rank 0 would fail only after the rendezvous)."""
+    import socket
+
+    from ppstage.config import ConfigError
+
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"--port: cannot bind {host}:{port}: {exc.strerror}") from None
+
+
 def _run_local(config, options, args: argparse.Namespace) -> int:
     from ppstage.stages.launcher import start_pipeline
+
+    _port_free(options.host, options.port)
 
     out = args.out or tempfile.mkdtemp(prefix="ppstage-serve-")
     t = config.topology

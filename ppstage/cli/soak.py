@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppstage.config import PPStageConfig
+    from ppstage.config import ConfigError, PPStageConfig
 
     # A bad config raises ConfigError: one line and exit 2 at the CLI boundary.
     cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
@@ -34,6 +34,11 @@ def run(args: argparse.Namespace) -> int:
     if args.mode:
         overrides["recompute.mode"] = args.mode
     cfg = cfg.with_overrides(overrides)
+    warmup = args.warmup_chunks if args.warmup_chunks is not None else min(max(20, args.chunks // 10), args.chunks // 2)
+    if not 0 < warmup < args.chunks:
+        # RSS growth is measured from the end of the warm-up: it must end inside the run.
+        raise ConfigError(f"--warmup-chunks: {warmup} leaves no measured chunks in a run of {args.chunks}; "
+                          "use more --chunks (>= 2) or fewer warm-up chunks")
     from ppstage.bench.soak import format_report, run_soak
     from ppstage.model.loader import load_backend
 
@@ -42,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"ppstage soak: {args.chunks} chunks, seed {args.seed}, mode {cfg.recompute.mode}, "
           f"{cfg.topology.world_size} processes, logs in {out}", flush=True)
     report = run_soak(
-        cfg, args.chunks, out, seed=args.seed, warmup_chunks=args.warmup_chunks, check=args.check,
+        cfg, args.chunks, out, seed=args.seed, warmup_chunks=warmup, check=args.check,
         timeout_s=args.timeout, max_pause_ms=args.max_delay_ms,
         progress=lambda n: print(f"  {n} chunks emitted", flush=True),
     )

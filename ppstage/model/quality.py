@@ -287,7 +287,31 @@ def check_quality_report(config: PPStageConfig, path: str | Path | None = None) 
         raise QualityError(
             f"quality report verdict is {report.verdict} (min PSNR {report.min_psnr_db} dB)"
         )
+    first = first_decoded_anchor_chunk(config)
+    if report.chunks <= first:
+        # Before it, R0 and R0a build the same (early-regime) context: the report compared nothing.
+        raise QualityError(
+            f"quality report covers {report.chunks} chunk(s); R0 first differs from R0a at chunk {first} "
+            f"(the first decoded anchor): run `ppstage quality` with --chunks {first + 4} or more"
+        )
     return report
+
+
+def first_decoded_anchor_chunk(config: PPStageConfig, limit: int = 10_000) -> int:
+    """The first chunk whose R0a recompute context is anchored on a decoded frame (SPEC §4).
+
+    Until then both modes build the context from latents alone, so a report that
+    ends before it cannot tell R0 from R0a.
+    """
+    from ppstage.core.planner import Planner, StreamStart
+
+    planner = Planner(config.with_overrides({"recompute.mode": "r0a"}))
+    planner.submit(StreamStart("quality gate"))
+    for _ in range(limit):
+        plan = planner.next_chunk()
+        if plan.context_source == "decoded":
+            return plan.chunk_index
+    return limit
 
 
 def format_table(report: QualityReport) -> str:

@@ -162,7 +162,54 @@ class RunLogs:
             files.extend(sorted(p.glob("rank*.ppslog")) if p.is_dir() else [p])
         if not files:
             raise ReplayError("no log files given (DIR/rank<r>.ppslog or files)")
-        return cls([load_log(f) for f in files])
+        run = cls([load_log(f) for f in files])
+        run.check_one_run()
+        return run
+
+    def check_one_run(self) -> None:
+        """Refuse logs that are not of one run (``ReplayError`` naming the odd file).
+
+        A directory may hold a previous run's ``rank<r>.ppslog`` for ranks the
+        new run does not have, and a command line may name two runs: replaying
+        them together would blame a rank for another run's state. One run's logs
+        share the config digest, the world size and the restart generation, name
+        each rank at most once (flight dumps aside), and started within the
+        config's start-up timeout of each other.
+        """
+        logs = [lg for lg in self.logs if lg.header is not None]
+        if not logs:
+            return
+        first = next((lg for lg in logs if lg.role == "stage0" and not lg.header.flight), logs[0])
+        h0 = first.header
+        seen: dict[int, str] = {}
+        for lg in logs:
+            h = lg.header
+            for name, mine, theirs in (
+                ("config digest", h.config_digest, h0.config_digest),
+                ("world size", h.world_size, h0.world_size),
+                ("restart generation", h.restart_generation, h0.restart_generation),
+            ):
+                if mine != theirs:
+                    raise ReplayError(
+                        f"{lg.path} is not of the same run as {first.path}: its {name} is {mine}, not {theirs}"
+                    )
+            if not 0 <= h.rank < h0.world_size:
+                raise ReplayError(f"{lg.path}: rank {h.rank} is outside a {h0.world_size}-rank run")
+            if not h.flight:
+                if h.rank in seen:
+                    raise ReplayError(f"{lg.path} and {seen[h.rank]} are both rank {h.rank}'s log: two runs?")
+                seen[h.rank] = lg.path
+        starts = [lg.header.start_unix_s for lg in logs if not lg.header.flight]
+        if starts:
+            try:
+                window = first.config().runtime.startup_timeout_s
+            except (ReplayError, msgspec.ValidationError, msgspec.DecodeError):
+                window = 600.0  # a log without a readable config: the default start-up timeout
+            if max(starts) - min(starts) > window:
+                raise ReplayError(
+                    f"the logs started {max(starts) - min(starts):.0f} s apart, more than the start-up timeout "
+                    f"({window:.0f} s): they are not of one run"
+                )
 
     def by_rank(self) -> dict[int, RankLog]:
         out: dict[int, RankLog] = {}
