@@ -93,11 +93,6 @@ class CacheGeometry(msgspec.Struct, frozen=True, kw_only=True):
     chunk_frames: int
     max_positions: int | None = None
 
-    @classmethod
-    def of(cls, config: "PPStageConfig") -> "CacheGeometry":
-        """The geometry a ``PPStageConfig`` gives every generator rank (and the planner)."""
-        return config.cache_geometry()
-
     @property
     def capacity(self) -> int:
         return self.window_frames * self.tokens_per_frame

@@ -97,7 +97,7 @@ def streams(draw):
 def test_rebase_keeps_the_window_and_the_relative_positions_of_the_frames_kept(case):
     cfg, rebase_at, fraction = case
     p = planner(cfg)
-    lc = CacheLifecycle(CacheGeometry.of(cfg))
+    lc = CacheLifecycle(cfg.cache_geometry())
     tpf = cfg.model.tokens_per_frame
     offset = 0
     for k in range(25):
@@ -147,7 +147,7 @@ def _rolled(geometry=None):
     """A lifecycle holding a full rolled window: sink frame 0 + frames 7, 8 (R1, W=6, S=1, F=3)."""
     cfg = config(**{"recompute.mode": "r1", "model.rope_max_frames": 100})
     p = planner(cfg)
-    lc = CacheLifecycle(geometry or CacheGeometry.of(cfg))
+    lc = CacheLifecycle(geometry or cfg.cache_geometry())
     for _ in range(3):
         apply(lc, p.next_chunk())
     return lc, p
@@ -232,7 +232,7 @@ def test_planner_rebases_a_long_stream_without_a_cut(mode, cadence, sinks, table
         "cache.window_frames": 7 if sinks == 2 else 6, "model.rope_max_frames": table,
     })
     p = planner(cfg)
-    stage = CacheLifecycle(CacheGeometry.of(cfg))  # what every generator rank does with the plans
+    stage = CacheLifecycle(cfg.cache_geometry())  # what every generator rank does with the plans
     got = [p.next_chunk() for _ in range(120)]
     for plan in got:
         apply(stage, plan)
@@ -253,7 +253,7 @@ def test_any_config_with_a_table_of_rebase_span_streams_forever_without_a_cut(ca
     cfg, _, _ = case
     cfg = cfg.with_overrides({"model.rope_max_frames": max(cfg.rebase_span(), 2 * cfg.cache.chunk_frames) + extra})
     p = planner(cfg)
-    stage = CacheLifecycle(CacheGeometry.of(cfg))
+    stage = CacheLifecycle(cfg.cache_geometry())
     rebases = 0
     for _ in range(60):
         plan = p.next_chunk()  # the planner's own lifecycle refuses an illegal plan here

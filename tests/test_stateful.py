@@ -21,7 +21,7 @@ from wire_samples import result_for
 from ppstage.config import PPStageConfig
 from ppstage.errors import OutOfOrderResult
 from ppstage.core.gate import EpochGate
-from ppstage.core.lifecycle import CacheGeometry, CacheLifecycle
+from ppstage.core.lifecycle import CacheLifecycle
 from ppstage.core.planner import (
     AttentionBiasChange,
     HardCut,
@@ -36,7 +36,7 @@ CONFIG = PPStageConfig().with_overrides(
     {"model.rope_max_frames": 15, "recompute.cadence": 1, "cache.on_position_overflow": "cut"}
 )
 REBASE_CONFIG = CONFIG.with_overrides({"cache.on_position_overflow": "rebase", "recompute.cadence": 2})
-CACHE = CacheGeometry.of(CONFIG)
+CACHE = CONFIG.cache_geometry()
 MAX_IN_FLIGHT = 5
 
 step_lists = st.lists(st.sampled_from([1000, 750, 500, 250]), min_size=1, max_size=4, unique=True).map(

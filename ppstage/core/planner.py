@@ -24,7 +24,7 @@ import msgspec
 
 from protocol import ANCHOR_FOR_MODE, ChunkId
 
-from ppstage.config import CacheGeometry, PPStageConfig, step_list_problem
+from ppstage.config import PPStageConfig, step_list_problem
 from ppstage.core.lifecycle import CacheLifecycle
 from ppstage.core.plan import ChunkPlan
 from ppstage.errors import PPStageError
@@ -90,7 +90,7 @@ class Planner:
         self._bias = 1.0
         self._steps = tuple(config.denoise.step_list)
         self._offset = 0
-        self._cache = CacheLifecycle(CacheGeometry.of(config))
+        self._cache = CacheLifecycle(config.cache_geometry())
 
     @property
     def position_offset(self) -> int:
@@ -155,10 +155,10 @@ class Planner:
         cfg = self.config
         frames = cfg.cache.chunk_frames
         forced = False
-        overflow = self._next_start + frames - self._offset > cfg.model.rope_max_frames
+        overflow = self._overflows()
         if self._epoch < 0:
             cut = True
-        elif not cut and overflow and cfg.cache.on_position_overflow == "cut":
+        elif not cut and self._overflow_forces_cut():
             cut = forced = True
         if cut:
             self._epoch += 1
@@ -252,11 +252,18 @@ class Planner:
         planning anything; ``tests/test_service_units.py`` checks the two agree.
         """
         cut = self._epoch < 0 or any(isinstance(i, (StreamStart, HardCut)) for i in self._pending)
-        cfg = self.config
-        overflow = self._next_start + cfg.cache.chunk_frames - self._offset > cfg.model.rope_max_frames
-        if not cut and overflow and cfg.cache.on_position_overflow == "cut":
-            cut = True  # a forced cut; under "rebase" the same boundary re-bases in the same epoch
+        # A forced cut moves the epoch too; under "rebase" the boundary re-bases in the same epoch.
+        cut = cut or self._overflow_forces_cut()
         return self._next_chunk_index, self._epoch + (1 if cut else 0)
+
+    def _overflows(self) -> bool:
+        """The next chunk, at the current offset, would pass the positional (RoPE) table."""
+        cfg = self.config
+        return self._next_start + cfg.cache.chunk_frames - self._offset > cfg.model.rope_max_frames
+
+    def _overflow_forces_cut(self) -> bool:
+        """The next chunk would pass the table and the policy is ``"cut"`` (SPEC §13)."""
+        return self._overflows() and self.config.cache.on_position_overflow == "cut"
 
     def _context(self, start: int) -> tuple[tuple[int, ...], str, int]:
         """Context frames for a recompute at ``start``: anchor + latest latents.

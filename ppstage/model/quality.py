@@ -140,22 +140,28 @@ def run_quality(
     rows = compare_records(
         run_reference(base_cfg, chunks, script), run_reference(cand_cfg, chunks, script)
     )
+    return _judge(
+        rows, threshold_db, baseline=baseline, candidate=candidate, chunks=chunks,
+        config_digest=quality_config_digest(config), baseline_config_digest=base_cfg.digest(),
+        candidate_config_digest=cand_cfg.digest(), script=script,
+    )
+
+
+def _judge(rows: list[ChunkQuality], threshold_db: float, **fields) -> QualityReport:
+    """The report of ``rows``: the worst PSNR against the threshold decides PASS/FAIL.
+
+    Chunks with identical frames have no PSNR (infinite) and never fail the gate.
+    """
     finite = [r.psnr_db for r in rows if r.psnr_db is not None]
     min_psnr = min(finite) if finite else None
     ok = min_psnr is None or min_psnr >= threshold_db
     return QualityReport(
-        baseline=baseline,
-        candidate=candidate,
-        chunks=chunks,
         threshold_db=threshold_db,
         min_psnr_db=min_psnr,
         max_abs_diff=max((r.max_abs_diff for r in rows), default=0),
         verdict="PASS" if ok else "FAIL",
-        config_digest=quality_config_digest(config),
-        baseline_config_digest=base_cfg.digest(),
-        candidate_config_digest=cand_cfg.digest(),
-        script=script,
         rows=rows,
+        **fields,
     )
 
 
@@ -203,24 +209,11 @@ def run_rebase_quality(
     base_cfg = cand_cfg.with_overrides({"model.rope_max_frames": table})
     candidate = run_reference(cand_cfg, chunks, script)
     rows = compare_records(run_reference(base_cfg, chunks, script), candidate)
-    finite = [r.psnr_db for r in rows if r.psnr_db is not None]
-    min_psnr = min(finite) if finite else None
-    ok = min_psnr is None or min_psnr >= threshold_db
-    return QualityReport(
-        baseline=REBASE_BASELINE,
-        candidate=REBASE_CANDIDATE,
-        chunks=chunks,
-        threshold_db=threshold_db,
-        min_psnr_db=min_psnr,
-        max_abs_diff=max((r.max_abs_diff for r in rows), default=0),
-        verdict="PASS" if ok else "FAIL",
-        config_digest=rebase_config_digest(config),
-        baseline_config_digest=base_cfg.digest(),
-        candidate_config_digest=cand_cfg.digest(),
-        script=script,
-        rows=rows,
-        rebase_chunks=tuple(r.chunk_index for r in candidate if r.rebased),
-        oracle_table=table,
+    return _judge(
+        rows, threshold_db, baseline=REBASE_BASELINE, candidate=REBASE_CANDIDATE, chunks=chunks,
+        config_digest=rebase_config_digest(config), baseline_config_digest=base_cfg.digest(),
+        candidate_config_digest=cand_cfg.digest(), script=script,
+        rebase_chunks=tuple(r.chunk_index for r in candidate if r.rebased), oracle_table=table,
     )
 
 

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import msgspec
 import structlog
 
-from protocol import PROTOCOL_VERSION, TensorSpec, action_of, digest_bytes, encode_frame
+from protocol import PROTOCOL_VERSION, ChunkId, TensorSpec, action_of, digest_bytes, encode_frame
 from protocol.msglog import (
     ChunkRecord,
     EventRecord,
@@ -48,6 +48,7 @@ from protocol.msglog import (
 from ppstage.config import PPStageConfig
 
 log = structlog.get_logger("ppstage.observability.recorder")
+_PLAN_ENCODER = msgspec.msgpack.Encoder()  # created once (STYLE: encoders per actor, not per message)
 
 
 
@@ -97,9 +98,7 @@ def _materialise(item: Any) -> LogRecord:
         peer=item.peer,
         group=item.group,
         action=action_of(msg),
-        call_id=msg.call_id,
-        chunk_index=msg.chunk_index,
-        cache_epoch=msg.cache_epoch,
+        **ChunkId.of(msg).fields(),
         header=header,
         meta=meta,
         specs=specs,
@@ -210,10 +209,8 @@ class MessageRecorder:
         self._put(
             PlanRecord(
                 t_ns=time.monotonic_ns(),
-                call_id=plan.call_id,
-                chunk_index=plan.chunk_index,
-                cache_epoch=plan.cache_epoch,
-                plan=msgspec.msgpack.encode(plan),
+                **ChunkId.of(plan).fields(),
+                plan=_PLAN_ENCODER.encode(plan),
                 state_digest=state_digest,
             )
         )
@@ -222,9 +219,7 @@ class MessageRecorder:
         self._put(
             GateRecord(
                 t_ns=time.monotonic_ns(),
-                call_id=ids.call_id,
-                chunk_index=ids.chunk_index,
-                cache_epoch=ids.cache_epoch,
+                **ChunkId.of(ids).fields(),
                 verdict=verdict,
             )
         )
@@ -234,9 +229,7 @@ class MessageRecorder:
         self._put(
             ChunkRecord(
                 t_ns=time.monotonic_ns(),
-                call_id=env.call_id,
-                chunk_index=env.chunk_index,
-                cache_epoch=env.cache_epoch,
+                **ChunkId.of(env).fields(),
                 stage=stage,
                 state_digest=state_digest,
                 output_digest=output_digest,
@@ -255,9 +248,7 @@ class MessageRecorder:
                 name=name,
                 start_ns=start_ns,
                 end_ns=time.monotonic_ns(),
-                call_id=ids.call_id,
-                chunk_index=ids.chunk_index,
-                cache_epoch=ids.cache_epoch,
+                **ChunkId.of(ids).fields(),
             )
         )
 

@@ -547,12 +547,11 @@ class Stage0Actor:
             await asyncio.sleep(WATCHDOG_TICK_S)
             running = self._running
             if running is not None and running.overdue(time.monotonic()):
-                plan = self.ledger.get(running.chunk_index)
+                ev = self.ledger.get(running.chunk_index)
                 raise PhaseStalled(
                     f"rank 0 {running.phase} of chunk {running.chunk_index} exceeded "
                     f"{running.deadline_s:.1f} s",
-                    rank=0, phase=running.phase,
-                    chunk=None if plan is None else ChunkId(plan.call_id, plan.chunk_index, plan.cache_epoch),
+                    rank=0, phase=running.phase, chunk=None if ev is None else ChunkId.of(ev),
                 )
 
     def _flush(self, ev: ChunkEvents) -> None:
