@@ -152,6 +152,21 @@ def test_launch_outside_torchrun_names_the_missing_environment(tmp_path):
     assert_one_line_error(proc, "launch", 2, "RANK")
 
 
+@pytest.mark.parametrize("world", [2, 5])
+def test_launch_with_a_world_size_other_than_the_configs_is_refused_at_once(tmp_path, world):
+    # Before any process group: a rank of a wrong-sized world must not wait out the
+    # start-up timeout (600 s) in a rendezvous that can never complete.
+    from ppstage.stages.launcher import free_port
+
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text(PPStageConfig().to_toml())  # 1 + 2 stages x tp 1 = 3
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = ppstage(["launch", "--config", str(cfg), "--chunks", "2"], tmp_path, env=env, timeout=30)
+    assert_one_line_error(proc, "launch", 2, f"WORLD_SIZE {world}")
+    assert "1 + 2 x 1 = 3" in proc.stderr, proc.stderr
+
+
 def test_a_typed_runtime_error_ends_with_one_line_and_status_1(monkeypatch, capsys):
     import ppstage.cli.plan as plan
 

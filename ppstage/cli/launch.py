@@ -70,6 +70,24 @@ def torchrun_rank() -> tuple[int, int]:
         raise ConfigError("RANK and WORLD_SIZE must be integers") from None
 
 
+def check_world_size(config, world: int) -> None:
+    """Refuse a ``WORLD_SIZE`` other than the config's ``1 + stages * tp``, before any process group.
+
+    A world of the wrong size can never finish its rendezvous (a missing rank) or
+    its groups (a rank too many): without this check every rank would wait out
+    ``runtime.startup_timeout_s``. Ranks whose configs differ in some other way
+    but agree on the world size still meet and are named by the parity handshake.
+    """
+    from ppstage.config import ConfigError
+
+    t = config.topology
+    if world != t.world_size:
+        raise ConfigError(
+            f"WORLD_SIZE {world} (torchrun --nproc-per-node x --nnodes) differs from the config's "
+            f"1 + stages x tp = 1 + {t.stages} x {t.tp} = {t.world_size}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from ppstage.config import PPStageConfig
 
@@ -82,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     load_backend(config)  # an unknown [model] backend fails here, not in the first collective
     rank, world = torchrun_rank()
+    check_world_size(config, world)
     if config.recompute.mode == "r0":
         # The R0 rollout gate (the report path must exist on every node).
         check_quality_report(config)

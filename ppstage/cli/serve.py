@@ -117,6 +117,9 @@ def _run_rank(config, options, args: argparse.Namespace) -> int:
     except (KeyError, ValueError) as exc:
         print(f"ppstage serve: RANK and WORLD_SIZE must be integers: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    from ppstage.cli.launch import check_world_size
+
+    check_world_size(config, world)  # a ConfigError: one line, exit 2, before any rendezvous
     if options.unvalidated:
         print(f"ppstage serve: WARNING: {options.warnings[0]}", file=sys.stderr, flush=True)
     opts = RankOptions(
