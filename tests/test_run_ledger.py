@@ -62,3 +62,33 @@ def test_the_progress_reader_takes_whole_lines_only(tmp_path):
         stats.add(r)
     assert (stats.emitted, stats.dropped) == (2, 1)
     assert stats.frames_per_s == 3 / 0.5 and stats.median_period_ms == 500.0
+
+
+def _summary(chunks: int):
+    ledger, _ = run_ledger(chunks, capacity=1024)
+    return summarize(ledger.recent(), totals=ledger.totals, frames_per_chunk=3, max_in_flight=1,
+                     max_decode_queue=1, dropped={}, wall_s=1.0)
+
+
+def test_a_run_with_fewer_than_two_emitted_chunks_has_no_period_and_prints_n_a():
+    import msgspec
+
+    from ppstage.observability.report import format_summary
+
+    for chunks in (1, 2):  # chunk 0 is dropped (run_ledger): 0, then 1 emitted chunk
+        s = _summary(chunks)
+        assert s.median_period_ms is None and s.loop_cpu_pct_of_period is None
+        text = format_summary(msgspec.to_builtins(s), None, stages=2, tp=1, mode="r0a")
+        assert "median period                       n/a" in text
+        assert "period / slower stage               n/a" in text and "0.0 ms" not in text.split("median stage")[0]
+
+
+def test_a_run_whose_only_periods_are_warm_up_still_reports_them():
+    s = _summary(4)  # 3 emitted chunks, 2 periods, both inside the 2-period warm-up
+    assert abs(s.median_period_ms - 100.0) < 1e-6
+
+
+def test_the_live_progress_has_no_period_before_the_second_chunk():
+    stats = StreamStats(frames_per_chunk=3)
+    stats.add({"chunk_index": 0, "outcome": "emitted", "emitted": 1.0})
+    assert stats.median_period_ms is None and "median period    n/a" in stats.describe()

@@ -46,12 +46,13 @@ class StreamStats:
         return self.frames_per_chunk * (self.emitted - 1) / (self._last - self._first)
 
     @property
-    def median_period_ms(self) -> float:
-        return 1e3 * median(self._periods) if self._periods else 0.0
+    def median_period_ms(self) -> float | None:
+        return 1e3 * median(self._periods) if self._periods else None  # None before the second chunk
 
     def describe(self) -> str:
-        return (f"{self.frames_per_s:6.1f} frames/s  median period {self.median_period_ms:6.1f} ms  "
-                f"dropped {self.dropped}")
+        period = self.median_period_ms
+        shown = "   n/a" if period is None else f"{period:6.1f} ms"
+        return f"{self.frames_per_s:6.1f} frames/s  median period {shown}  dropped {self.dropped}"
 
 
 class StreamTail:

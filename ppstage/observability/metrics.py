@@ -56,7 +56,7 @@ class RunSummary(msgspec.Struct, kw_only=True):
     chunks_planned: int
     chunks_emitted: int
     frames_per_s: float
-    median_period_ms: float
+    median_period_ms: float | None  # None: fewer than 2 emitted chunks, so no period at all
     median_s0_ms: float
     median_s1_ms: float
     stage_median_ms: tuple[float, ...]
@@ -68,7 +68,7 @@ class RunSummary(msgspec.Struct, kw_only=True):
     # Rank 0's event-loop thread CPU per emitted chunk (plan, validate, frame,
     # gate, log: the control plane), and as a share of the median period.
     loop_cpu_ms_per_chunk: float = 0.0
-    loop_cpu_pct_of_period: float = 0.0
+    loop_cpu_pct_of_period: float | None = 0.0  # None with no period
 
 
 class RunTotals(msgspec.Struct, kw_only=True):
@@ -171,14 +171,17 @@ def summarize(
         )
     # Warm-up periods are skipped only while the ring still holds the run's start.
     skip = warmup if totals.emitted == len(done) else 0
-    periods = [b.emitted - a.emitted for a, b in zip(done, done[1:])][skip:]
+    periods = [b.emitted - a.emitted for a, b in zip(done, done[1:])]
+    # A run too short to leave a period after the warm-up still has its periods;
+    # a run with fewer than 2 emitted chunks has none (None, printed n/a, never 0.0).
+    periods = periods[skip:] or periods
     n_stages = max((len(e.stage_durations) for e in done), default=0)
     stage_medians = tuple(
         1e3 * median([e.stage_durations[i] for e in done if len(e.stage_durations) > i])
         for i in range(n_stages)
     )
     span = totals.last_emitted - totals.first_emitted if totals.emitted > 1 else 0.0
-    period_ms = 1e3 * median(periods) if periods else 0.0
+    period_ms = 1e3 * median(periods) if periods else None
     cpu_ms = 1e3 * loop_cpu_s / totals.emitted if totals.emitted else 0.0
     return RunSummary(
         chunks_planned=totals.planned,
@@ -194,5 +197,5 @@ def summarize(
         dropped=dict(dropped),
         wall_s=wall_s,
         loop_cpu_ms_per_chunk=cpu_ms,
-        loop_cpu_pct_of_period=100.0 * cpu_ms / period_ms if period_ms > 0 else 0.0,
+        loop_cpu_pct_of_period=100.0 * cpu_ms / period_ms if period_ms else None,
     )

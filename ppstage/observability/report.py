@@ -71,9 +71,19 @@ def _close(record: Any, event: dict[str, Any], latents: Callable[[int], Any] | N
 def _ratio(s: dict[str, Any]) -> str:
     slower = max(s["median_s0_ms"], s["median_s1_ms"])
     both = s["median_s0_ms"] + s["median_s1_ms"]
-    if slower <= 0:
+    if slower <= 0 or s["median_period_ms"] is None:
         return "n/a"
     return f"{s['median_period_ms'] / slower:.2f}x   (stage 0 + generator: {both / slower:.2f}x)"
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
+
+
+def _loop_cpu(s: dict[str, Any]) -> str:
+    pct = s.get("loop_cpu_pct_of_period", 0.0)
+    share = "no period" if pct is None else f"{pct:.1f} % of the period"
+    return f"{s.get('loop_cpu_ms_per_chunk', 0.0):.2f} ms ({share})"
 
 
 def format_summary(
@@ -94,15 +104,14 @@ def summary_rows(
         ("topology", f"rank 0 + {stages} stage(s) x tp {tp}, mode {mode}"),
         ("chunks emitted / planned", f"{s['chunks_emitted']} / {s['chunks_planned']}"),
         ("frames/s", f"{s['frames_per_s']:.1f}"),
-        ("median period", f"{s['median_period_ms']:.1f} ms"),
+        ("median period", _ms(s["median_period_ms"])),
         ("median stage-0 time (build+decode)", f"{s['median_s0_ms']:.1f} ms"),
         ("median generator time", f"{s['median_s1_ms']:.1f} ms"),
         ("period / slower stage", _ratio(s)),
         ("per-stage median", ", ".join(f"s{i + 1} {v:.1f} ms" for i, v in enumerate(s["stage_median_ms"]))),
         ("queue maxima", f"in flight {s['max_in_flight']}, decode {s['max_decode_queue']}"),
         ("OverlapScore", f"{s['overlap_score']:.2f}"),
-        ("rank-0 loop CPU per chunk",
-         f"{s.get('loop_cpu_ms_per_chunk', 0.0):.2f} ms ({s.get('loop_cpu_pct_of_period', 0.0):.1f} % of the period)"),
+        ("rank-0 loop CPU per chunk", _loop_cpu(s)),
         ("dropped", ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "none"),
     ]
     if check is not None:

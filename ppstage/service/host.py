@@ -201,7 +201,8 @@ class ServiceHost:
                 "d_out": cfg.runtime.d_out,
                 **self.hub.statistics(),
             },
-            "recent_period_ms": round(summary.median_period_ms, 3),
+            # null until two chunks are out: no period yet (never a misleading 0.0)
+            "recent_period_ms": None if summary.median_period_ms is None else round(summary.median_period_ms, 3),
             "frames_per_s": round(summary.frames_per_s, 3),
             "stage0_ms": round(summary.median_s0_ms, 3),
             "stage_ms": [round(x, 3) for x in summary.stage_median_ms],

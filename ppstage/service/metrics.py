@@ -93,7 +93,7 @@ class _LiveState(Collector):
             "ppstage_in_flight": ("chunks sent and not yet received (D_in in use)", s["queues"]["in_flight"]),
             "ppstage_decode_queue": ("results awaiting decode (D_out in use)", s["queues"]["decode_queue"]),
             "ppstage_overlap_score": ("OverlapScore over the recent window (1 = full overlap)", s["overlap_score"]),
-            "ppstage_recent_period_seconds": ("median period over the recent window", s["recent_period_ms"] / 1e3),
+            "ppstage_recent_period_seconds": ("median period over the recent window", _seconds(s["recent_period_ms"])),
             "ppstage_restart_generation": ("torchrun restart count of this job", s["restart_generation"]),
             "ppstage_unvalidated": ("1: R0 runs without a passing quality report (--force-unvalidated)",
                                     int(s["unvalidated"])),
@@ -113,3 +113,8 @@ class _LiveState(Collector):
         mode = GaugeMetricFamily("ppstage_recompute_mode", "recompute mode in force (1 for the label)", labels=["mode"])
         mode.add_metric([s["mode"]], 1.0)
         yield mode
+
+
+def _seconds(ms: float | None) -> float:
+    # NaN, not 0, before the second chunk: there is no period yet, and 0 s would read as infinitely fast.
+    return float("nan") if ms is None else ms / 1e3
