@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before the command took its signals over (``demo``, ``launch``:
+        # ppstage.stages.stop), or in a command that does not: one line, no traceback.
+        words = sys.argv[1:] if argv is None else argv
+        return _fail(words[0] if words and words[0] in COMMANDS else "", "interrupted", 130)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits 2 here, with one line
     usage, runtime = _error_classes()
     try:
@@ -60,13 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.command, exc, EXIT_USAGE)
     except runtime as exc:
         return _fail(args.command, exc, EXIT_FAILED)
-    except KeyboardInterrupt:
-        return _fail(args.command, "interrupted", 130)
 
 
 def _fail(command: str, problem: object, code: int) -> int:
     text = str(problem) if isinstance(problem, (str, OSError)) else _describe(problem)
-    print(f"ppstage {command}: {' '.join(text.split())}", file=sys.stderr)  # one line
+    print(f"ppstage{' ' + command if command else ''}: {' '.join(text.split())}", file=sys.stderr)  # one line
     return code
 
 

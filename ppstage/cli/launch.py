@@ -89,6 +89,11 @@ def check_world_size(config, world: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ppstage.stages.stop import StopRequest
+
+    # First of all: a SIGINT / SIGTERM from now on is recorded, never lost in an
+    # import nor a traceback; the rank's actor acts on it once the ranks have met.
+    stop = StopRequest.install()
     from ppstage.config import PPStageConfig
 
     # Every check here runs before any collective, so a bad config or
@@ -121,5 +126,5 @@ def run(args: argparse.Namespace) -> int:
         record_dir=args.record,
         flight_dir=args.flight_dir,
     )
-    exit_process(run_rank(config, opts))
+    exit_process(run_rank(config, opts, stop))
     return 0  # not reached

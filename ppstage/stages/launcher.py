@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 
 from ppstage.config import PPStageConfig
+from ppstage.stages.stop import spawn_blocked
 
 
 def free_port() -> int:
@@ -49,6 +50,18 @@ class Pipeline:
     def signal_rank0(self, sig: int = signal.SIGTERM) -> None:
         if self.procs[0].poll() is None:
             self.procs[0].send_signal(sig)
+
+    def stop(self) -> None:
+        """SIGTERM to every rank still running, as torchrun forwards it and as Ctrl-C reaches them.
+
+        Rank 0 drains and sends SHUTDOWN; the others wait for it within
+        ``runtime.drain_deadline_s``. Every rank has its handler from its first
+        moment (``ppstage.stages.stop``), so a stop during start-up is not a kill.
+        Idempotent: a second stop changes nothing.
+        """
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
 
     def wait(
         self,
@@ -190,7 +203,7 @@ def start_pipeline(
                 if command == "launch" and write_latents:
                     cmd += ["--latents-out", str(out / "latents")]
             stdout = None if (rank == 0 and passthrough_stdout) else subprocess.DEVNULL
-            with open(out / f"rank{rank}.log", "wb") as log_file:
+            with open(out / f"rank{rank}.log", "wb") as log_file, spawn_blocked():
                 procs.append(subprocess.Popen(cmd, env=env, stdout=stdout, stderr=log_file))
     except BaseException:
         for p in procs:

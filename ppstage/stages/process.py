@@ -30,6 +30,7 @@ from ppstage.errors import ParityError, WatchdogExpired
 from ppstage.model.reference import StreamScript
 from ppstage.observability import recorder
 from ppstage.service.options import ServiceOptions
+from ppstage.stages.stop import STOP_SIGNALS, StopRequest
 
 EXIT_FAILED, EXIT_PARITY = 1, 2  # 0 after an orderly SHUTDOWN
 FATAL_GRACE_S = 5.0  # time an actor gets to report and stop after its channel failed
@@ -57,8 +58,14 @@ class RankOptions(msgspec.Struct, frozen=True, kw_only=True):
     flight_dir: str | None = None  # flight-recorder dump on failure (default: record dir, else cwd)
 
 
-def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
-    """Run this rank to completion and return its exit code (does not exit)."""
+def run_rank(config: PPStageConfig, opts: RankOptions, stop: StopRequest | None = None) -> int:
+    """Run this rank to completion and return its exit code (does not exit).
+
+    ``stop`` holds a SIGTERM / SIGINT received since the process started
+    (``ppstage launch`` installs it first); a stop during start-up is handed to
+    the actor once the ranks have met, so it ends as a drained stop (exit 0).
+    """
+    stop = stop or StopRequest.install()
     import torch
 
     from ppstage.distributed.devices import local_rank, resolve_device
@@ -73,6 +80,15 @@ def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
     structlog.contextvars.bind_contextvars(restart_generation=restart_generation())
     log = structlog.get_logger("ppstage.stages.process")
     watch_launcher(log)  # started before any rendezvous: a rank never outlives its launcher
+
+    def startup_stuck(name: str) -> None:
+        log.error(f"stopped by {name} during start-up, which did not finish within "
+                  f"{config.runtime.drain_deadline_s:g} s (runtime.drain_deadline_s); exiting", phase="start-up")
+        exit_process(EXIT_FAILED)
+
+    # A stop signal during the rendezvous or the parity handshake (C calls that run
+    # no Python handler) must not wait for runtime.startup_timeout_s.
+    stop.watch_startup(config.runtime.drain_deadline_s, startup_stuck)
     device = resolve_device(config, local_rank(opts.rank))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group: NCCL binds to it
@@ -88,20 +104,20 @@ def run_rank(config: PPStageConfig, opts: RankOptions) -> int:
     log.info("started", world_size=opts.world_size, layers=role.layer_range, tp_rank=role.tp_rank)
 
     if role.stage > 0 and not role.is_leader:
-        return _run_follower(config, role, groups, log, device)
+        return _run_follower(config, role, groups, log, device, stop)
 
     import uvloop
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_run_actor(config, role, groups, opts, log, device))
+        return loop.run_until_complete(_run_actor(config, role, groups, opts, log, device, stop))
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
 
 
-async def _run_actor(config, role, groups, opts: RankOptions, log, device) -> int:
+async def _run_actor(config, role, groups, opts: RankOptions, log, device, stop: StopRequest) -> int:
     from ppstage.stages.leader import StageLeader
     from ppstage.stages.stage0 import Stage0Actor
     from ppstage.distributed.topology import MeshComm
@@ -156,8 +172,11 @@ async def _run_actor(config, role, groups, opts: RankOptions, log, device) -> in
             progress=progress, latents_dir=latents_dir, pause_before=opts.pause_before,
             chunk_stream=Path(opts.chunks_out) if opts.chunks_out else None,
         )
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, actor.on_sigterm)
+        # After the loop's handlers: a stop of the start-up makes the actor plan nothing,
+        # drain and send SHUTDOWN (every rank exits 0); one from now on goes to the loop.
+        stop.hand_over(actor.on_sigterm)
         if service is not None:
             try:
                 await service.start(actor)
@@ -188,8 +207,9 @@ async def _run_actor(config, role, groups, opts: RankOptions, log, device) -> in
         return outcome.exit_code
     leader = StageLeader(config, role, transport, MeshComm(role, groups), fatal)
     abort_actor.append(leader.abort)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, leader.on_sigterm)
+    stop.hand_over(leader.on_sigterm)  # a start-up stop: wait for rank 0's SHUTDOWN, drain-bounded
     return await leader.run()
 
 
@@ -198,7 +218,7 @@ def _hard_exit(log, exc: ChunkError) -> None:
     exit_process(EXIT_FAILED)
 
 
-def _run_follower(config, role, groups, log, device) -> int:
+def _run_follower(config, role, groups, log, device, stop: StopRequest) -> int:
     """Non-leader mesh rank: the worker thread follows broadcasts; this thread watches it."""
     from ppstage.stages.leader import MeshFollower
     from ppstage.distributed.topology import MeshComm
@@ -206,8 +226,7 @@ def _run_follower(config, role, groups, log, device) -> int:
     follower = MeshFollower(config, role, MeshComm(role, groups), device=device)
     result: list[int] = []
     term = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: term.set())
-    signal.signal(signal.SIGINT, lambda *_: term.set())
+    stop.hand_over(term.set)  # a stop of the start-up, or a later one
     worker = threading.Thread(target=lambda: result.append(follower.run_blocking()), daemon=True)
     worker.start()
     deadline = config.runtime.stage_idle_deadline_s
