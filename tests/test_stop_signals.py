@@ -161,3 +161,27 @@ def test_a_stop_signal_while_a_rank_waits_for_peers_that_never_come_ends_it_with
     assert proc.returncode == 1, stderr
     assert "stopped by SIGTERM during start-up" in stderr and "2 s" in stderr, stderr
     assert took < 15, took
+
+
+def test_only_a_stop_signal_starts_the_start_up_grace_period():
+    # The wakeup fd also gets a byte for the flight recorder's SIGUSR1 ("dump, go on"):
+    # that must not end a rank still starting up; a SIGTERM after it must.
+    import threading
+
+    from ppstage.stages.stop import StopRequest
+
+    expired: list[str] = []
+    done = threading.Event()
+    previous_usr1 = signal.signal(signal.SIGUSR1, lambda *_: None)
+    stop = StopRequest.install()
+    try:
+        stop.watch_startup(0.3, lambda name: (expired.append(name), done.set()))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert not done.wait(1.5), expired  # 5x the grace period: no expiry for a dump request
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert done.wait(10.0)
+        assert expired == ["SIGTERM"] and stop.signal_name == "SIGTERM"
+    finally:
+        signal.set_wakeup_fd(-1)
+        stop.restore()
+        signal.signal(signal.SIGUSR1, previous_usr1)

@@ -112,14 +112,12 @@ def _run_rank(config, options, args: argparse.Namespace) -> int:
     from ppstage.model.reference import DEFAULT_PROMPT, StreamScript
     from ppstage.stages.process import RankOptions, exit_process, run_rank
 
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except (KeyError, ValueError) as exc:
-        print(f"ppstage serve: RANK and WORLD_SIZE must be integers: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    from ppstage.cli.launch import check_world_size
+    from ppstage.cli.launch import check_world_size, torchrun_rank
 
-    check_world_size(config, world)  # a ConfigError: one line, exit 2, before any rendezvous
+    # ConfigErrors (missing or non-integer torchrun variables, a world the config
+    # does not describe): one line, exit 2, before any rendezvous.
+    rank, world = torchrun_rank()
+    check_world_size(config, world)
     if options.unvalidated:
         print(f"ppstage serve: WARNING: {options.warnings[0]}", file=sys.stderr, flush=True)
     opts = RankOptions(

@@ -84,9 +84,15 @@ class StopRequest:
 
         def watch() -> None:
             name = recorded
-            if name is None:
+            # The wakeup fd gets a byte for every signal with a Python handler, the
+            # flight recorder's SIGUSR1 (dump, go on) and SIGHUP included: only a
+            # stop signal starts the grace period.
+            while name is None:
                 byte = os.read(r, 1)  # written by the C-level handler, even mid-rendezvous
-                name = self.signal_name or _name(byte[0] if byte else signal.SIGTERM)
+                if not byte:
+                    return
+                if byte[0] in STOP_SIGNALS:
+                    name = self.signal_name or _name(byte[0])
             if not self._started.wait(grace_s):
                 on_expired(name)
 
