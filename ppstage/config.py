@@ -250,6 +250,11 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # chunk's envelope, then decode the rest (docs/performance.md). Output bytes
     # are the same either way; false decodes every frame before anything else.
     anchor_first_decode: bool = True
+    # Each denoise step of a generator leader runs as one worker-thread job: take
+    # the input hop from the link's mailbox, call, queue the output hop (the loop
+    # only watches deadlines). False routes every hop through the loop, as before
+    # issue 11; same bytes either way (docs/performance.md, "Fused steps").
+    fused_steps: bool = True
     # Benchmark baseline: plan a chunk only after the previous one was emitted
     # (no overlap of stage 0 and the generator at all).
     sequential_schedule: bool = False

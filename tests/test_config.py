@@ -360,6 +360,7 @@ ALTERNATIVE = {
     "record.tensors": "full",
     "record.flight_records": 16,
     "runtime.anchor_first_decode": False,
+    "runtime.fused_steps": False,
     "runtime.sequential_schedule": True,
     "runtime.device": "cpu",
     "liveness.phase_deadline_min_s": 1.5,

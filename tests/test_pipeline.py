@@ -96,6 +96,18 @@ def test_every_emitted_chunk_is_bitwise_equal_to_the_reference(tmp_path, stages,
     assert result["gate"]["accepted"] >= CHUNKS - 2
 
 
+@pytest.mark.parametrize("mode", ["r1", "r0a"])
+def test_loop_hops_the_schedule_before_fused_steps_give_the_same_bytes(tmp_path, mode):
+    # runtime.fused_steps = false routes every hop through the loop (the fallback
+    # and the benchmark's baseline); the bytes must not depend on the route.
+    config = config_for(3, mode, fused_steps=False)
+    pipe, codes = run_pipeline(tmp_path, config)
+    assert codes == [0] * config.topology.world_size, [pipe.log_tail(r) for r in range(len(codes))]
+    check = check_digests(pipe.summary()["events"], run_reference(config, CHUNKS, SCRIPT))
+    assert check.ok, check
+    assert check.compared == CHUNKS - len(check.dropped_by_cut)
+
+
 def test_r1_sends_the_next_envelope_before_decoding_the_previous_chunk(tmp_path):
     config = config_for(2, "r1", simulated_decode_ms=20.0)
     pipe, codes = run_pipeline(tmp_path, config, args=["--quiet"])
@@ -252,13 +264,14 @@ def _finished_chunks(out) -> int:
         (4, "reset_cache_one_rank", 3, "StateDivergence", 4),  # B6 on a mesh follower, in the mesh
     ],
 )
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-steps", "loop-hops"])
 def test_injected_fault_ends_every_rank_nonzero_with_a_typed_report(
-    tmp_path, fault_rank, kind, chunk, expected, detector
+    tmp_path, fault_rank, kind, chunk, expected, detector, fused
 ):
     # R1 for the reset: an R0a recompute rebuilds the cache every chunk, which would repair it.
     mode = "r1" if kind == "reset_cache_one_rank" else "r0a"
     tp = 2 if kind == "corrupt_envelope" or fault_rank == 4 else 1
-    config = config_for(2, mode, tp=tp, drills=[drill(kind, fault_rank, chunk)])
+    config = config_for(2, mode, tp=tp, drills=[drill(kind, fault_rank, chunk)], fused_steps=fused)
     pipe = start_pipeline(config, tmp_path / "run", chunks=8, launch_args=["--quiet"])
     t0 = time.monotonic()
     try:

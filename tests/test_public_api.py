@@ -165,6 +165,8 @@ PUBLIC_API: dict[str, list[str]] = {
         "FrameWriter",
         "IDLE_WAIT",
         "Inbound",
+        "Mailbox",
+        "MailboxInterrupted",
         "TERMINAL_ACTIONS",
         "TORCH_DTYPE",
         "Transport",

@@ -72,8 +72,13 @@ def denoise_step(
     step_index: int,
     x_t: Tensor,
     flow: Tensor,
+    *,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One scheduler step: ``(x0, x_next)``; ``x_next`` is ``None`` after the last step.
+
+    ``noise``: this step's ``step_noise(plan, step_index, x_t.shape)`` drawn
+    ahead of time (it depends only on the plan), else drawn here.
 
     ``x0`` of the last step is the chunk's ``latents_out``.
     """
@@ -82,7 +87,8 @@ def denoise_step(
     if step_index + 1 >= len(step_list):
         return x0, None
     sigma_next = scheduler.sigma(step_list[step_index + 1])
-    noise = step_noise(plan, step_index, tuple(x_t.shape))
+    if noise is None:
+        noise = step_noise(plan, step_index, tuple(x_t.shape))
     return x0, (1.0 - sigma_next) * x0 + sigma_next * noise
 
 

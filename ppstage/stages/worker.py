@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -57,6 +58,24 @@ class StageWorker:
                 loop.call_soon_threadsafe(_settle, future, result, error)
             except RuntimeError:  # the loop is closed: the process is exiting
                 return
+
+
+class JobProgress:
+    """Which phase a worker job is in, since when and for how long it may last.
+
+    Written by the worker thread (``enter``), read by the loop that watches the
+    job's deadlines; ``current`` is replaced as one tuple, so a reader always
+    sees one consistent phase ``(phase, since_monotonic_s, limit_s, what)``
+    (``limit_s`` None: a phase without a deadline).
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self, phase: str, limit_s: float | None, what: str) -> None:
+        self.current = (phase, time.monotonic(), limit_s, what)
+
+    def enter(self, phase: str, limit_s: float | None, what: str) -> None:
+        self.current = (phase, time.monotonic(), limit_s, what)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -12,9 +12,14 @@ The asyncio loop never blocks on the backend:
 - **one sender thread per process** issues every outbound send, FIFO, from a
   single queue fed by ``Transport.send``;
 - **one receiver thread per inbound link** (``Transport.open_inbound``) posts
-  blocking receives on that link and hands each complete frame to the loop with
-  ``loop.call_soon_threadsafe`` (gloo's ``is_completed()`` is never polled: it
-  stays False until ``wait()``, SPEC section 10).
+  blocking receives on that link and appends each complete frame to the link's
+  ``Mailbox``, which wakes the one consumer waiting: the loop (``await get()``,
+  via ``loop.call_soon_threadsafe``) or a stage's worker thread (``take``)
+  (gloo's ``is_completed()`` is never polled: it stays False until ``wait()``,
+  SPEC section 10);
+- ``Transport.enqueue`` lets a worker thread queue a frame itself (same
+  preflight, same single outbox), so a stage's output hop need not pass
+  through the loop.
 
 Why this keeps framing safe: a frame is a sequence of messages on one link,
 and both ends must see that sequence in order with nothing interleaved. Each
@@ -61,6 +66,7 @@ Failure model
 from ppstage.digests import byte_view, tensor_digest
 from ppstage.distributed.bootstrap import init_process_group
 from ppstage.distributed.transport._frames import FrameReader, FrameWriter, preamble_capacity
+from ppstage.distributed.transport._mailbox import Mailbox, MailboxInterrupted
 from ppstage.distributed.transport._p2p import IDLE_WAIT, TERMINAL_ACTIONS, Inbound, Transport
 from ppstage.distributed.transport._tensors import (
     TORCH_DTYPE,
@@ -78,6 +84,8 @@ __all__ = [
     "TORCH_DTYPE",
     "WIRE_DTYPE",
     "Inbound",
+    "Mailbox",
+    "MailboxInterrupted",
     "Transport",
     "byte_view",
     "init_process_group",

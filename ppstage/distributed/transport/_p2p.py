@@ -40,6 +40,7 @@ from ppstage.errors import ChannelDead
 from ppstage.distributed.devices import after_receive, before_send, comm_stream, on_stream
 from ppstage.distributed.topology import ProcessGroups, Role
 from ppstage.distributed.transport._frames import FrameReader, FrameWriter, preamble_capacity
+from ppstage.distributed.transport._mailbox import Mailbox
 from ppstage.distributed.transport._tensors import frame_limit_bytes, make_spec, prepare_tensors, rebuild
 from ppstage.observability.recorder import current as current_recorder
 
@@ -93,7 +94,7 @@ class _Outgoing(NamedTuple):
     meta: bytes
     payload: tuple[torch.Tensor, ...]
     msg: WireMessage
-    future: asyncio.Future
+    future: asyncio.Future | None  # None: a failure is reported through on_fatal only
 
 
 def _resolve(future: asyncio.Future, exc: BaseException | None) -> None:
@@ -158,7 +159,7 @@ class Transport:
         self.recorder = recorder if recorder is not None else current_recorder()
         self._frame_timeout = timedelta(seconds=config.runtime.pg_timeout_s)
         self._outbox: queue.SimpleQueue[_Outgoing | None] = queue.SimpleQueue()
-        self._inbound: dict[int, asyncio.Queue[Inbound]] = {}
+        self._inbound: dict[int, Mailbox[Inbound]] = {}
         self._dead: set[int] = set()  # destinations whose channel is poisoned
         self._closed = False
         # Guards ``_closed`` + queueing: a send racing ``close`` is either queued
@@ -177,18 +178,20 @@ class Transport:
     make_spec = staticmethod(make_spec)
 
     # -- public API ------------------------------------------------------------
-    def open_inbound(self, src_rank: int) -> asyncio.Queue[Inbound]:
-        """Start the receiver thread for the link from ``src_rank``; return its queue.
+    def open_inbound(self, src_rank: int) -> Mailbox[Inbound]:
+        """Start the receiver thread for the link from ``src_rank``; return its mailbox.
 
-        The queue is unbounded so the receiver thread never waits on the
-        consumer (a sender blocked on a full queue could stall the peer's one
-        sender thread); flow control is the pipeline's ``D_in``/``D_out`` credit.
+        The mailbox (``_mailbox.py``) is unbounded so the receiver thread never
+        waits on the consumer (a sender blocked on a full queue could stall the
+        peer's one sender thread); flow control is the pipeline's
+        ``D_in``/``D_out`` credit. Read it with ``await get()`` on the loop or
+        ``take(timeout_s)`` from one worker thread, one consumer at a time.
         Raises ``WrongGroup`` when no link group joins this rank and ``src_rank``.
         """
         if src_rank in self._inbound:
             raise ValueError(f"inbound link from rank {src_rank} is already open")
         group = self.groups.link(src_rank, self.role.rank)
-        inbox: asyncio.Queue[Inbound] = asyncio.Queue()
+        inbox: Mailbox[Inbound] = Mailbox(self._loop)
         self._inbound[src_rank] = inbox
         threading.Thread(
             target=self._receive_loop,
@@ -225,12 +228,38 @@ class Transport:
         is skipped and the encoded header is passed through it, so that a
         receiver can be tested with a frame its sender would have refused.
         """
-        item = self._preflight(dst_rank, msg, tensors, fill_digests, drill_frame)
+        future = self._loop.create_future()
+        self.enqueue(dst_rank, msg, tensors, future, fill_digests=fill_digests, drill_frame=drill_frame)
+        await future
+
+    def enqueue(
+        self,
+        dst_rank: int,
+        msg: WireMessage,
+        tensors: Sequence[torch.Tensor],
+        future: asyncio.Future | None = None,
+        *,
+        fill_digests: bool = False,
+        drill_frame: Callable[[bytes], bytes] | None = None,
+    ) -> None:
+        """``send`` without the await, callable from any thread (a stage's worker).
+
+        Runs the same preflight in the calling thread (raising the same typed
+        errors, nothing queued) and queues the frame; ``future`` (created on
+        the loop by the caller), if given, is settled on the loop once the
+        frame's last byte was handed to the backend, with ``ChannelDead`` on
+        failure. Without one, a failure reaches the process only through
+        ``on_fatal`` (which it always does), and the loop is not woken per
+        frame. The
+        worker of a stage queues its output hop this way, so the hop goes
+        worker -> sender thread without waking the loop (``_mailbox.py`` says
+        what that saves).
+        """
+        item = self._preflight(dst_rank, msg, tensors, fill_digests, drill_frame, future)
         with self._close_lock:
             if self._closed:
                 raise ChannelDead(f"transport closed: send to rank {dst_rank} refused", chunk=ChunkId.find(msg))
             self._outbox.put(item)
-        await item.future
 
     def close(self) -> None:
         """Stop accepting sends; frames queued before still go out, in order.
@@ -258,7 +287,8 @@ class Transport:
         msg: WireMessage,
         tensors: Sequence[torch.Tensor],
         fill_digests: bool,
-        drill_frame: Callable[[bytes], bytes] | None = None,
+        drill_frame: Callable[[bytes], bytes] | None,
+        future: asyncio.Future | None,
     ) -> _Outgoing:
         chunk = ChunkId.find(msg)
         if self._closed:
@@ -286,7 +316,6 @@ class Transport:
             raise
         except Exception as exc:  # e.g. a field of the wrong type trips validate()
             raise MetadataError(f"message cannot be framed: {exc!r}", chunk=chunk) from exc
-        future = self._loop.create_future()
         return _Outgoing(dst, group, header, meta, payload, msg, future)
 
     # -- sender thread -----------------------------------------------------------
@@ -331,13 +360,13 @@ class Transport:
         self._settle(item.future, None)
 
     # -- receiver threads ----------------------------------------------------------
-    def _receive_loop(self, src: int, group: Any, inbox: asyncio.Queue[Inbound]) -> None:
+    def _receive_loop(self, src: int, group: Any, inbox: Mailbox[Inbound]) -> None:
         self._bind_device()
         stream = comm_stream(self.device)  # None on CPU
         with on_stream(stream):
             self._receive_frames(src, group, inbox, stream)
 
-    def _receive_frames(self, src: int, group: Any, inbox: asyncio.Queue[Inbound], stream) -> None:
+    def _receive_frames(self, src: int, group: Any, inbox: Mailbox[Inbound], stream) -> None:
         reader = FrameReader(self.device, preamble_capacity(self.config.topology.backend))  # reused per link
         idle = partial(self._recv, src=src, group=group, timeout=IDLE_WAIT)
         framed = partial(self._recv, src=src, group=group, timeout=self._frame_timeout)
@@ -403,7 +432,7 @@ class Transport:
                 "recv", src, _link_name(src, self.role.rank), msg, flats, header=head, meta=meta,
                 error=None if error is None else str(error), t_ns=received_ns,
             )
-            if not self._call_soon(inbox.put_nowait, Inbound(msg, tensors, error, received_at)):
+            if not inbox.put(Inbound(msg, tensors, error, received_at)):
                 return
 
     def _recv(self, buf: torch.Tensor, *, src: int, group: Any, timeout: timedelta) -> None:
@@ -440,8 +469,9 @@ class Transport:
         if self.device.type == "cuda":  # the current CUDA device is per thread
             torch.cuda.set_device(self.device)
 
-    def _settle(self, future: asyncio.Future, exc: BaseException | None) -> None:
-        self._call_soon(_resolve, future, exc)
+    def _settle(self, future: asyncio.Future | None, exc: BaseException | None) -> None:
+        if future is not None:
+            self._call_soon(_resolve, future, exc)
 
     def _fatal(self, exc: ChunkError) -> None:
         self._log.error("transport.fatal", error=str(exc), kind=type(exc).__name__)
