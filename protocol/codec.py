@@ -70,7 +70,11 @@ _ENCODER = msgspec.msgpack.Encoder(order="deterministic")
 # the metadata is decoded straight into the type the header announced.
 _TYPE_OF: dict[str, type] = {t.__struct_config__.tag: t for t in WIRE_TYPES}  # type: ignore[attr-defined]
 _DECODERS: dict[str, msgspec.msgpack.Decoder] = {a: msgspec.msgpack.Decoder(t) for a, t in _TYPE_OF.items()}
-_CODE_OF: dict[type, int] = {t: ACTION_CODES[a] for a, t in _TYPE_OF.items()}
+# What encode_frame needs per type, in one lookup: the header code and the
+# decoder the receiver will use for it.
+_SEND_PLAN: dict[type, tuple[int, msgspec.msgpack.Decoder]] = {
+    t: (ACTION_CODES[a], _DECODERS[a]) for a, t in _TYPE_OF.items()
+}
 
 
 class _TagOnly(msgspec.Struct):
@@ -80,6 +84,9 @@ class _TagOnly(msgspec.Struct):
 
 
 _TAG_DECODER = msgspec.msgpack.Decoder(_TagOnly)
+
+
+_new_header = tuple.__new__
 
 
 class Header(NamedTuple):
@@ -117,13 +124,21 @@ def message_digest(msg: msgspec.Struct) -> str:
 
 
 def _check_specs(msg: WireMessage) -> None:
-    valid = _VALID_SPECS
+    tensors = msg.tensors
     try:
-        for spec in msg.tensors:
-            if (spec.dtype, spec.shape, spec.nbytes) not in valid:  # the common case: a set lookup
+        if _VALID_RECORDS.issuperset(tensors):  # the common case: every spec seen whole before, one C call
+            return
+        valid = _VALID_SPECS
+        for spec in tensors:
+            if (spec.dtype, spec.shape, spec.nbytes) not in valid:  # a set lookup per spec
                 _check_spec_in(msg, spec)
-    except TypeError:  # a shape built in Python as a list: check every spec in full
-        for spec in msg.tensors:
+        # All valid. Digest-free specs are remembered whole (a spec with a
+        # digest is new every chunk and would only churn the set).
+        if len(_VALID_RECORDS) >= _VALID_SPECS_MAX:
+            _VALID_RECORDS.clear()
+        _VALID_RECORDS.update(s for s in tensors if s.digest is None)
+    except TypeError:  # unhashable (a shape built in Python as a list): check every spec in full
+        for spec in tensors:
             _check_spec_in(msg, spec)
 
 
@@ -132,10 +147,6 @@ def _check_spec_in(msg: WireMessage, spec: TensorSpec) -> None:
         check_tensor_spec(spec)
     except TensorSpecError as exc:
         raise TensorSpecError(exc.reason, chunk=ChunkId.of(msg)) from None
-
-
-def _checksum(head_wo_checksum: bytes, meta: bytes) -> int:
-    return zlib.crc32(meta, zlib.crc32(head_wo_checksum)) & 0xFFFFFFFF
 
 
 def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
@@ -172,9 +183,10 @@ def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
     MetadataError
         A field cannot be serialised.
     """
-    code = _CODE_OF.get(type(msg))
-    if code is None:
+    plan = _SEND_PLAN.get(type(msg))
+    if plan is None:
         raise MetadataError(f"{type(msg).__name__} is not a wire message")
+    code, receiver_decoder = plan
     if msg.version != PROTOCOL_VERSION:
         raise UnsupportedVersion(f"refusing to send protocol version {msg.version}", chunk=ChunkId.of(msg))
     _check_specs(msg)
@@ -191,7 +203,7 @@ def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
     # which the encoder happily writes. Decoding here (with the decoder the
     # receiver picks for this action) costs microseconds.
     try:
-        _DECODERS[ACTION_BY_CODE[code]].decode(meta)
+        receiver_decoder.decode(meta)
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MetadataError(f"metadata would be refused by the receiver: {exc}", chunk=ChunkId.of(msg)) from exc
     try:
@@ -207,7 +219,8 @@ def encode_frame(msg: WireMessage) -> tuple[bytes, bytes]:
         )
     except struct.error as exc:
         raise FramingError(f"header field out of range: {exc}", chunk=ChunkId.of(msg)) from exc
-    return partial + _CHECKSUM.pack(_checksum(partial, meta)), meta
+    # One crc32 call over the concatenation: cheaper than two chained calls.
+    return partial + _CHECKSUM.pack(zlib.crc32(partial + meta)), meta
 
 
 def parse_header(buf: bytes | bytearray | memoryview) -> Header:
@@ -245,7 +258,8 @@ def parse_header(buf: bytes | bytearray | memoryview) -> Header:
         and count <= MAX_TENSORS
         and 0 < meta_len <= MAX_META_BYTES
     ):  # the hot path: one test, no error context built
-        return Header(version, action, count, call_id, chunk_index, epoch, meta_len, checksum)
+        # tuple.__new__ directly: NamedTuple's own __new__ is a Python-level call.
+        return _new_header(Header, (version, action, count, call_id, chunk_index, epoch, meta_len, checksum))
     chunk = ChunkId(call_id, chunk_index, epoch)
     if magic != MAGIC:
         raise FramingError(f"bad magic {magic!r}", chunk=chunk)
@@ -298,30 +312,30 @@ def decode_metadata(header: Header, header_bytes: bytes, meta: bytes | memoryvie
     build does not know (``UnknownAction``), the tag of another action than the
     header's (``FramingError``), or a field that does not fit (``MetadataError``).
     """
-    if len(meta) != header.meta_len:
-        raise FramingError(f"metadata is {len(meta)} bytes, header says {header.meta_len}", chunk=header.id)
-    if zlib.crc32(meta, zlib.crc32(memoryview(header_bytes)[:-4])) & 0xFFFFFFFF != header.checksum:
+    # One unpack: a NamedTuple's attribute access goes through a Python property.
+    version, action, tensor_count, call_id, chunk_index, cache_epoch, meta_len, checksum = header
+    if len(meta) != meta_len:
+        raise FramingError(f"metadata is {len(meta)} bytes, header says {meta_len}", chunk=header.id)
+    if type(header_bytes) is not bytes:  # a memoryview has no ``+``
+        header_bytes = bytes(header_bytes)
+    if zlib.crc32(header_bytes[:-4] + meta) != checksum:  # unsigned since Python 3.0
         raise FramingError("checksum mismatch over header and metadata", chunk=header.id)
     try:
-        msg = _DECODERS[header.action].decode(meta)
+        msg = _DECODERS[action].decode(meta)
     except msgspec.ValidationError as exc:
         raise _why_undecodable(header, meta, exc) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 in a str.
         raise MetadataError(f"metadata is not valid msgpack: {exc}", chunk=header.id) from exc
-    if msg.version != header.version:
+    if msg.version != version:
         raise UnsupportedVersion(
-            f"metadata version {msg.version} differs from header version {header.version}", chunk=header.id
+            f"metadata version {msg.version} differs from header version {version}", chunk=header.id
         )
-    if (
-        msg.call_id != header.call_id
-        or msg.chunk_index != header.chunk_index
-        or msg.cache_epoch != header.cache_epoch
-    ):
+    if msg.call_id != call_id or msg.chunk_index != chunk_index or msg.cache_epoch != cache_epoch:
         raise FramingError("metadata ids differ from header ids", chunk=header.id)
-    if len(msg.tensors) != header.tensor_count:
+    if len(msg.tensors) != tensor_count:
         raise FramingError(
-            f"metadata lists {len(msg.tensors)} tensors, header says {header.tensor_count}", chunk=header.id
+            f"metadata lists {len(msg.tensors)} tensors, header says {tensor_count}", chunk=header.id
         )
     _check_specs(msg)
     return msg
@@ -366,16 +380,39 @@ def encode_frame_bytes(msg: WireMessage) -> bytes:
 # Bounded, because the keys come from the wire: a peer cannot grow it forever.
 _VALID_SPECS: set[tuple[str, tuple[int, ...], int]] = set()
 _VALID_SPECS_MAX = 4096
+# Whole digest-free specs (name included) known valid: ``issuperset`` checks a
+# message's specs in one C call, without building a key per spec.
+_VALID_RECORDS: set[TensorSpec] = set()
 
 
 def check_tensor_spec(spec: TensorSpec, *, chunk: ChunkId | None = None) -> None:
-    """A spec must name a whitelisted dtype and a byte length equal to its shape."""
+    """A spec must name a whitelisted dtype and a byte length equal to its shape.
+
+    Raises
+    ------
+    TensorSpecError
+        The dtype is not whitelisted, the shape has a negative dimension or more
+        than 8, ``nbytes`` differs from ``prod(shape) * itemsize`` or exceeds
+        1 GiB, or a field is of a type the check cannot read (a spec built in
+        Python with a ``None`` dimension): never a bare ``TypeError``.
+    """
     try:
         key = (spec.dtype, spec.shape, spec.nbytes)
         if key in _VALID_SPECS:
             return
     except TypeError:  # an unhashable shape built in Python (a list): check it in full
         key = None
+    try:
+        _check_spec_fields(spec, chunk)
+    except TypeError:  # a field of the wrong type built in Python (a None dim, a list dtype)
+        raise TensorSpecError(f"tensor {spec.name!r}: malformed spec {spec!r}", chunk=chunk) from None
+    if key is not None:
+        if len(_VALID_SPECS) >= _VALID_SPECS_MAX:
+            _VALID_SPECS.clear()
+        _VALID_SPECS.add(key)
+
+
+def _check_spec_fields(spec: TensorSpec, chunk: ChunkId | None) -> None:
     itemsize = DTYPE_ITEMSIZE.get(spec.dtype)
     if itemsize is None:
         raise TensorSpecError(f"tensor {spec.name!r}: dtype {spec.dtype!r} not allowed", chunk=chunk)
@@ -388,10 +425,6 @@ def check_tensor_spec(spec: TensorSpec, *, chunk: ChunkId | None = None) -> None
         )
     if spec.nbytes > MAX_TENSOR_BYTES:
         raise TensorSpecError(f"tensor {spec.name!r}: {spec.nbytes} bytes exceed limit", chunk=chunk)
-    if key is not None:
-        if len(_VALID_SPECS) >= _VALID_SPECS_MAX:
-            _VALID_SPECS.clear()
-        _VALID_SPECS.add(key)
 
 
 def check_tensor_digest(spec: TensorSpec, data: bytes | memoryview, *, chunk: ChunkId | None = None) -> None:

@@ -215,7 +215,8 @@ class Transport:
         Preflight runs here, in the caller, before anything is queued: validate
         (except HELLO), tensor dtype/shape/size against the specs, contiguous
         copies on the transport device, digests (``fill_digests`` replaces each
-        spec's digest with that of its tensor), then ``encode_frame``. Any
+        spec's digest with that of its tensor, before the one ``encode_frame``
+        and ``validate``, so that the frame is encoded once). Any
         failure raises a typed ``ProtocolError`` and nothing reaches the wire.
 
         Then the frame is queued to the sender thread; this returns once its
@@ -299,17 +300,19 @@ class Transport:
         try:
             if not isinstance(msg, WIRE_TYPES):
                 raise MetadataError(f"{type(msg).__name__} is not a wire message", chunk=chunk)
-            # Exact field types first (encode, then decode with the receiver's strict
-            # decoder): a float in an int field must be named as such, not trip validate.
+            payload = None
+            if fill_digests:
+                # The digests are part of the metadata: prepare the tensors first,
+                # so that the frame is encoded once, with them.
+                specs, payload = prepare_tensors(msg.tensors, tensors, self.device, fill_digests=True, chunk=chunk)
+                msg = msgspec.structs.replace(msg, tensors=specs)
+            # Exact field types before validate (encode, then decode with the receiver's
+            # strict decoder): a float in an int field must be named as such, not trip validate.
             header, meta = encode_frame(msg)
             if action_of(msg) != "HELLO" and drill_frame is None:
                 validate(msg, self.geometry)
-            specs, payload = prepare_tensors(
-                msg.tensors, tensors, self.device, fill_digests=fill_digests, chunk=chunk
-            )
-            if fill_digests:
-                msg = msgspec.structs.replace(msg, tensors=specs)
-                header, meta = encode_frame(msg)
+            if payload is None:
+                _, payload = prepare_tensors(msg.tensors, tensors, self.device, fill_digests=False, chunk=chunk)
             if drill_frame is not None:
                 header = drill_frame(header)
         except ProtocolError:
