@@ -155,7 +155,7 @@ class StreamInputs:
         """
         offsets = list(offsets)
         if not offsets:
-            return torch.empty((0,), dtype=torch.uint8)
+            return torch.empty((0,), dtype=torch.uint8, device=latents_out.device)
         whole = offsets == list(range(latents_out.shape[0]))
         pixels = self.backend.vae_decode(latents_out if whole else latents_out[offsets])
         with self._lock:
