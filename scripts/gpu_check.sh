@@ -4,9 +4,11 @@
 #   PPSTAGE_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" bash .ci/setup
 # It prints a short report and exits non-zero if a check failed. Budget: under 5 minutes.
 #
-#  1. the CUDA unit checks (pinned host copies, streams): tests/test_devices.py
+#  1. the CUDA unit checks (pinned host copies, streams): tests/test_devices.py; the embedded
+#     model on the GPU (weights and noise the same bytes as on the CPU): tests/test_model_device.py
 #  2. equivalence K = 2, R0a, NCCL (needs 3 GPUs: rank 0 + 2 stages, one GPU each; NCCL
-#     refuses two ranks of one communicator on one GPU), bitwise against the reference
+#     refuses two ranks of one communicator on one GPU), bitwise against the reference, which
+#     runs its generator on the ranks' device (cuda:1)
 #  3. the three benches with small sizes
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +38,8 @@ PYEOF
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$GPUS" -lt 1 ]; then say "no GPU visible: nothing to check"; exit 1; fi
 
-run "unit checks (tests/test_devices.py)" 120 $PY -m pytest -q tests/test_devices.py -p no:cacheprovider
+run "unit checks (tests/test_devices.py, tests/test_model_device.py)" 120 \
+    $PY -m pytest -q tests/test_devices.py tests/test_model_device.py -p no:cacheprovider
 
 if [ "$GPUS" -ge 3 ]; then
     cat >"$OUT/nccl.toml" <<'TOML'

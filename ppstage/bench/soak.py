@@ -171,9 +171,11 @@ def run_soak(config: PPStageConfig, chunks: int, out_dir: str | Path, *, seed: i
     summary = result.get("summary") or {}
     mismatched: list[int] = []
     if check and events:
+        from ppstage.distributed.devices import reference_device
         from ppstage.model.reference import run_reference
 
-        mismatched = check_digests(events, run_reference(config, chunks, plan.script)).mismatched
+        records = run_reference(config, chunks, plan.script, device=reference_device(config))
+        mismatched = check_digests(events, records).mismatched
     return SoakReport(
         chunks=chunks,
         emitted=summary.get("chunks_emitted", 0),

@@ -161,6 +161,7 @@ def _report_failure(pipe, codes: list[int | None], result: dict | None, timeout:
 
 def _check_and_summarize(args, cfg, script, pipe, result: dict) -> int:
     from ppstage.cli.output import console, is_terminal, key_values
+    from ppstage.distributed.devices import reference_device
     from ppstage.model.reference import run_reference
     from ppstage.observability.report import check_digests, format_summary, summary_rows
 
@@ -171,7 +172,9 @@ def _check_and_summarize(args, cfg, script, pipe, result: dict) -> int:
     if not args.no_check:
         # A stopped run is checked over the chunks it planned, not the ones it never reached.
         planned = max((r["chunk_index"] + 1 for r in pipe.chunk_records()), default=0)
-        records = run_reference(cfg, min(args.chunks, planned), script) if planned else []
+        # On the generator ranks' device: CPU and GPU results differ in the last bits.
+        device = reference_device(cfg)
+        records = run_reference(cfg, min(args.chunks, planned), script, device=device) if planned else []
         # Every finished chunk, from rank 0's chunk stream (its in-memory ledger keeps only a recent ring).
         check = check_digests(pipe.chunk_records(), records, latents=pipe.latents, atol=tol)
     shape = dict(stages=t.stages, tp=t.tp, mode=cfg.recompute.mode, tol=tol)

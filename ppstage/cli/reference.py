@@ -41,12 +41,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()  # before torch: fast errors
     import torch
 
+    from ppstage.distributed.devices import reference_device
     from ppstage.model.reference import contact_sheet, median_model_ms, run_reference, write_png
 
     torch.set_num_threads(args.threads)
     if args.mode:
         cfg = cfg.with_overrides({"recompute.mode": args.mode})
-    records = run_reference(cfg, args.chunks, script_from_args(args))
+    # On the device the config's generator ranks use, so the digests match theirs bitwise.
+    records = run_reference(cfg, args.chunks, script_from_args(args), device=reference_device(cfg))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,15 @@ Where they cross devices:
   CUDA stream of its own (``comm_stream``): a tensor made on the compute stream
   is waited for before it is sent (``before_send``), and a received frame is
   complete on its stream before the loop sees it (``after_receive``);
-- the embedded model runs on the CPU (``MODEL_DEVICE``): a leader moves inbound
-  tensors there in its worker thread, the transport moves outbound ones back;
+- the generator (``build_generator(..., device=)``) lives on the rank's device,
+  where the transport delivers inbound tensors, so nothing is moved in between;
+  its weights and noise are drawn on the CPU and moved, so their bytes do not
+  depend on the device;
 - rank 0 copies each result to the host through a pinned buffer (``HostStage``)
-  for its decode path and the output sink.
+  for its decode path and the output sink: stage 0 (text encoder, VAE) runs on
+  the host, and envelopes are built there;
+- the reference pipeline of a bitwise check runs its generator on the generator
+  ranks' device (``reference_device``): CPU and GPU results differ in the last bits.
 
 On CPU every helper here returns its input or does nothing, so CPU runs (and
 the tests) go through the same code.
@@ -28,9 +33,6 @@ from typing import Iterator
 import torch
 
 from ppstage.config import ConfigError, PPStageConfig
-
-MODEL_DEVICE = torch.device("cpu")  # the embedded model; a real backend chooses its own
-
 
 def local_rank(default: int) -> int:
     """``LOCAL_RANK`` as torchrun (or ``ppstage demo``) sets it, else ``default``."""
@@ -51,6 +53,16 @@ def resolve_device(config: PPStageConfig, local: int) -> torch.device:
             raise ConfigError(f"local rank {local} needs cuda:{local}, this host has {torch.cuda.device_count()} GPU(s)")
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def reference_device(config: PPStageConfig) -> torch.device:
+    """Where a reference run must put its generator to match this config's ranks bitwise.
+
+    The device of generator rank 1 (local rank 1 under ``ppstage demo``): every
+    generator rank resolves ``runtime.device`` the same way, and the same kernels on the
+    same kind of device give the same bytes. On gloo that is the CPU.
+    """
+    return resolve_device(config, 1)
 
 
 def comm_stream(device: torch.device) -> "torch.cuda.Stream | None":

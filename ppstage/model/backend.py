@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from ppstage.config import ModelConfig
@@ -23,7 +24,9 @@ from ppstage.model.vae import ToyVAE
 class GeneratorBackend(Protocol):
     """Layers ``[a, b)`` of a causal generator with their KV and cross-attention caches.
 
-    Construction: ``(config, layer_range, *, tp_rank=0, tp_size=1, reduce=None)``.
+    Construction: ``(config, layer_range, *, tp_rank=0, tp_size=1, reduce=None[, device])``;
+    ``device`` (the rank's, ``runtime.device``) is passed only to a factory that
+    takes it (``ppstage.model.loader``): inbound tensors arrive on that device.
     Contract:
 
     - ``begin_chunk`` applies the plan through ``lifecycle.begin_chunk`` and does
@@ -85,8 +88,6 @@ class BackendContractError(AssertionError):
 def check_frame_independent_decode(backend: Stage0Backend, latents: Tensor) -> None:
     """Raise ``BackendContractError`` unless every frame of ``latents`` ``[F, C, h, w]``
     decodes alone to the same bytes as in the whole-chunk decode, and in reverse order too."""
-    import torch
-
     whole = backend.vae_decode(latents)
     for i in range(latents.shape[0]):
         alone = backend.vae_decode(latents[i : i + 1])
@@ -98,11 +99,15 @@ def check_frame_independent_decode(backend: Stage0Backend, latents: Tensor) -> N
 
 
 class ToyStage0:
-    """The embedded ``Stage0Backend``: ``ToyTextEncoder`` + ``ToyVAE``."""
+    """The embedded ``Stage0Backend``: ``ToyTextEncoder`` + ``ToyVAE`` on ``device`` (default CPU).
 
-    def __init__(self, model_config: ModelConfig) -> None:
-        self.text = ToyTextEncoder(model_config)
-        self.vae = ToyVAE(model_config)
+    Its tensors come back on ``device``: ``encode_text`` and ``vae_encode`` results
+    and ``vae_decode`` pixels alike; inputs must be there too.
+    """
+
+    def __init__(self, model_config: ModelConfig, device: torch.device | str = "cpu") -> None:
+        self.text = ToyTextEncoder(model_config, device)
+        self.vae = ToyVAE(model_config, device)
 
     def encode_text(self, prompt: str) -> Tensor:
         return self.text.encode(prompt)

@@ -7,6 +7,11 @@ Either way it resolves to a zero-argument factory returning a ``ModelBackend``:
 how every generator rank builds its ``GeneratorBackend`` and how rank 0
 builds its ``Stage0Backend`` (docs/models.md has a worked example).
 
+Device: ``build_generator`` and ``build_stage0`` pass ``device=`` (the rank's,
+``runtime.device``) only to a factory whose signature takes it (a ``device``
+parameter or ``**kwargs``); a backend written without one still loads and
+chooses its own device.
+
 The backend's name is part of the config, so the start-up parity handshake
 refuses a world whose ranks would run different models.
 """
@@ -14,10 +19,12 @@ refuses a world whose ranks would run different models.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from ppstage.config import ConfigError, PPStageConfig
@@ -31,9 +38,10 @@ TOY = "toy"
 class ModelBackend:
     """How to build the models of every rank.
 
-    ``generator(config, layer_range, *, tp_rank=0, tp_size=1, reduce=None)`` builds
+    ``generator(config, layer_range, *, tp_rank=0, tp_size=1, reduce=None[, device])`` builds
     layers ``[a, b)`` (one tensor-parallel shard of them when ``tp_size > 1``; partial
-    sums go through ``reduce``). ``stage0(config)`` builds rank 0's text encoder and VAE.
+    sums go through ``reduce``). ``stage0(config[, device])`` builds rank 0's text encoder
+    and VAE. Either may take ``device`` (a ``torch.device``); see the module docstring.
     """
 
     generator: Callable[..., GeneratorBackend]
@@ -44,7 +52,10 @@ def toy_backend() -> ModelBackend:
     """The embedded model (``GeneratorStage``, ``ToyTextEncoder`` + ``ToyVAE``)."""
     from ppstage.model.stage import GeneratorStage
 
-    return ModelBackend(generator=GeneratorStage, stage0=lambda config: ToyStage0(config.model))
+    def stage0(config: PPStageConfig, device: torch.device | str = "cpu") -> Stage0Backend:
+        return ToyStage0(config.model, device)
+
+    return ModelBackend(generator=GeneratorStage, stage0=stage0)
 
 
 def load_backend(config: PPStageConfig) -> ModelBackend:
@@ -68,15 +79,35 @@ def build_generator(
     tp_rank: int = 0,
     tp_size: int = 1,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    device: torch.device | str | None = None,
 ) -> GeneratorBackend:
-    """Layers ``[a, b)`` of the configured backend's generator."""
+    """Layers ``[a, b)`` of the configured backend's generator, on ``device`` if it takes one."""
     make = load_backend(config).generator
-    return make(config, layer_range, tp_rank=tp_rank, tp_size=tp_size, reduce=reduce)
+    extra = _device_kwarg(make, device)
+    return make(config, layer_range, tp_rank=tp_rank, tp_size=tp_size, reduce=reduce, **extra)
 
 
-def build_stage0(config: PPStageConfig) -> Stage0Backend:
-    """Rank 0's models from the configured backend."""
-    return load_backend(config).stage0(config)
+def build_stage0(config: PPStageConfig, device: torch.device | str | None = None) -> Stage0Backend:
+    """Rank 0's models from the configured backend, on ``device`` if it takes one."""
+    make = load_backend(config).stage0
+    return make(config, **_device_kwarg(make, device))
+
+
+def takes_device(factory: Callable[..., object]) -> bool:
+    """Whether ``factory`` accepts a ``device`` keyword (a named parameter or ``**kwargs``)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
+    return any(
+        p.kind is p.VAR_KEYWORD
+        or (p.name == "device" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for p in params
+    )
+
+
+def _device_kwarg(factory: Callable[..., object], device: torch.device | str | None) -> dict[str, object]:
+    return {"device": device} if device is not None and takes_device(factory) else {}
 
 
 def _find(name: str) -> Callable[[], object]:

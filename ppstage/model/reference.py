@@ -6,6 +6,13 @@ decode. Re-bases and forced cuts come from the same ``Planner`` and are
 applied by the same ``GeneratorStage`` as in the distributed runtime, so a
 distributed run stays bitwise equal to this one across them. ``run_reference`` is what the distributed demo calls to obtain the
 digests its output must match, so it stays importable and fast.
+
+Device: the generator runs on ``device``, which must be the generator ranks'
+device (``ppstage.distributed.devices.reference_device``) for a bitwise check:
+CPU and GPU kernels round differently, so a CPU reference does not match a
+CUDA run to the bit. Stage 0 stays on the host, as on rank 0 (which copies each
+result there), and its inputs are moved to ``device`` as the transport moves an
+envelope; ``latents_out`` and pixels come back on the host.
 """
 
 from __future__ import annotations
@@ -88,17 +95,24 @@ class ReferencePipeline:
 
     ``layer_ranges`` splits the generator into a chain of ``GeneratorStage``s run
     one after another (default: one stage over all layers); the output is
-    bitwise identical either way.
+    bitwise identical either way. ``device`` (default CPU) is where the
+    generator and the scheduler run: the device of the runs it is compared
+    with (see the module docstring); stage 0 stays on the host.
     """
 
     def __init__(
-        self, config: PPStageConfig, *, layer_ranges: Sequence[tuple[int, int]] | None = None
+        self,
+        config: PPStageConfig,
+        *,
+        layer_ranges: Sequence[tuple[int, int]] | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         self.config = config
+        self.device = torch.device(device if device is not None else "cpu")
         self.stream = StreamInputs(config)
         self.scheduler = FlowMatchScheduler.from_config(config)
         ranges = layer_ranges or [(0, config.model.layers)]
-        self.stages = [build_generator(config, r) for r in ranges]
+        self.stages = [build_generator(config, r, device=self.device) for r in ranges]
         if not self.stages[0].is_first or not self.stages[-1].is_last:
             raise ValueError(f"layer ranges {ranges} must cover the model end to end")
 
@@ -132,19 +146,24 @@ class ReferencePipeline:
         )
 
     def generate(self, plan: ChunkPlan, inputs: ChunkInputs) -> Tensor:
-        """Phase B of one chunk: every generator call, in the planned order. Returns ``latents_out``."""
+        """Phase B of one chunk: every generator call, in the planned order.
+
+        ``inputs`` may be on any device: they are moved to ``self.device`` first.
+        Returns ``latents_out`` ``[F, C, H, W]`` float32 on the host.
+        """
+        dev = self.device
         for s in self.stages:
-            s.begin_chunk(plan, inputs.conditioning)
+            s.begin_chunk(plan, inputs.conditioning.to(dev))
         if plan.do_kv_recompute:
             if inputs.context_frames is None:
                 raise ValueError("recompute planned without context frames")
-            self._call("recompute", RECOMPUTE_TIMESTEP, inputs.context_frames)
+            self._call("recompute", RECOMPUTE_TIMESTEP, inputs.context_frames.to(dev))
         steps = inputs.step_list.tolist()
         call = partial(self._call, "denoise")
-        out = denoise_chunk(call, self.scheduler, plan, steps, inputs.latents_in)
+        out = denoise_chunk(call, self.scheduler, plan, steps, inputs.latents_in.to(dev))
         for s in self.stages:
             s.end_chunk()
-        return out
+        return out.cpu()
 
     def _call(self, kind: str, timestep: float, x: Tensor) -> Tensor:
         for s in self.stages:
@@ -153,12 +172,20 @@ class ReferencePipeline:
 
 
 def run_reference(
-    config: PPStageConfig, chunks: int, script: StreamScript | None = None
+    config: PPStageConfig,
+    chunks: int,
+    script: StreamScript | None = None,
+    *,
+    device: torch.device | str | None = None,
 ) -> list[ChunkRecord]:
-    """Plan ``chunks`` chunks of the scripted stream and run them through the reference."""
+    """Plan ``chunks`` chunks of the scripted stream and run them through the reference.
+
+    ``device`` is where the generator runs (default CPU): the generator ranks' device
+    when the records are compared with a distributed run (the module docstring says why).
+    """
     script = script if script is not None else StreamScript()
     planner = Planner(config)
-    pipeline = ReferencePipeline(config)
+    pipeline = ReferencePipeline(config, device=device)
     records = []
     for k in range(chunks):
         for intent in script.intents_at(k):

@@ -7,7 +7,8 @@ with ``s = t / 1000``.
 
 Noise is a pure function of ``(base_seed, cache_epoch, current_start_frame,
 step)``: the reference pipeline and the distributed last stage draw the same
-bytes without exchanging them. ``denoise_step`` is the single definition of a
+bytes without exchanging them, on any device: it is drawn on the CPU and then
+moved (``seeded_randn``). ``denoise_step`` is the single definition of a
 step; ``denoise_chunk`` is the loop the reference pipeline runs, and the
 distributed last stage calls ``denoise_step`` once per hop with the same
 arguments.
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from ppstage.config import PPStageConfig
@@ -55,14 +57,20 @@ def latent_shape(config: PPStageConfig) -> tuple[int, int, int, int]:
     return (config.cache.chunk_frames, m.latent_channels, m.latent_height, m.latent_width)
 
 
-def initial_latents(plan: NoisePlan, shape: tuple[int, ...]) -> Tensor:
-    """``latents_in`` of a chunk: pure noise keyed by ``(seed, epoch, start, "init")``."""
-    return seeded_randn(shape, plan.base_seed, plan.cache_epoch, plan.current_start_frame, "init")
+def initial_latents(
+    plan: NoisePlan, shape: tuple[int, ...], device: torch.device | str | None = None
+) -> Tensor:
+    """``latents_in`` of a chunk: pure noise keyed by ``(seed, epoch, start, "init")``, on ``device``."""
+    return seeded_randn(shape, plan.base_seed, plan.cache_epoch, plan.current_start_frame, "init", device=device)
 
 
-def step_noise(plan: NoisePlan, step_index: int, shape: tuple[int, ...]) -> Tensor:
-    """Re-noise after step ``step_index``, keyed by ``(seed, epoch, start, step_index)``."""
-    return seeded_randn(shape, plan.base_seed, plan.cache_epoch, plan.current_start_frame, step_index)
+def step_noise(
+    plan: NoisePlan, step_index: int, shape: tuple[int, ...], device: torch.device | str | None = None
+) -> Tensor:
+    """Re-noise after step ``step_index``, keyed by ``(seed, epoch, start, step_index)``, on ``device``."""
+    return seeded_randn(
+        shape, plan.base_seed, plan.cache_epoch, plan.current_start_frame, step_index, device=device
+    )
 
 
 def denoise_step(
@@ -77,10 +85,10 @@ def denoise_step(
 ) -> tuple[Tensor, Tensor | None]:
     """One scheduler step: ``(x0, x_next)``; ``x_next`` is ``None`` after the last step.
 
-    ``noise``: this step's ``step_noise(plan, step_index, x_t.shape)`` drawn
-    ahead of time (it depends only on the plan), else drawn here.
-
-    ``x0`` of the last step is the chunk's ``latents_out``.
+    ``x0`` of the last step is the chunk's ``latents_out``. Runs on ``x_t``'s device
+    (``flow`` must be on it too); the re-noise is drawn on the CPU and moved there.
+    ``noise``: this step's ``step_noise(plan, step_index, x_t.shape, device=x_t.device)``
+    drawn ahead of time (it depends only on the plan), else drawn here.
     """
     sigma = scheduler.sigma(step_list[step_index])
     x0 = x_t - sigma * flow
@@ -88,7 +96,7 @@ def denoise_step(
         return x0, None
     sigma_next = scheduler.sigma(step_list[step_index + 1])
     if noise is None:
-        noise = step_noise(plan, step_index, tuple(x_t.shape))
+        noise = step_noise(plan, step_index, tuple(x_t.shape), device=x_t.device)
     return x0, (1.0 - sigma_next) * x0 + sigma_next * noise
 
 

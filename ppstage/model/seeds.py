@@ -3,6 +3,11 @@
 ``derive_seed`` turns a name tuple into a torch seed, so any process can
 rebuild the same weights or noise without shipping them. (The output digest,
 ``tensor_digest``, lives in ``ppstage.digests``.)
+
+Every draw happens on the CPU with a CPU generator and is only then moved to
+the device asked for: CUDA's generator produces other values for the same
+seed, and the reference pipeline, rank 0 and the last stage must draw the same
+bytes wherever they run.
 """
 
 from __future__ import annotations
@@ -24,8 +29,14 @@ def seeded_generator(*parts: object) -> torch.Generator:
     return g
 
 
-def seeded_randn(shape: tuple[int, ...], *parts: object, std: float = 1.0) -> torch.Tensor:
-    """Standard-normal float32 values determined by ``parts`` alone."""
+def seeded_randn(
+    shape: tuple[int, ...], *parts: object, std: float = 1.0, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Standard-normal float32 values determined by ``parts`` alone, on ``device`` (default CPU).
+
+    Drawn (and scaled by ``std``) on the CPU, then moved: the bytes do not depend on ``device``.
+    """
     g = seeded_generator(*parts)
     out = torch.randn(shape, generator=g, dtype=torch.float32)
-    return out if std == 1.0 else out * std
+    out = out if std == 1.0 else out * std
+    return out if device is None else out.to(device)

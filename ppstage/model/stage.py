@@ -2,7 +2,10 @@
 
 This is the interface the distributed runtime drives (one instance per
 generator rank) and the reference pipeline drives (one instance over all
-layers, or a chain of them). Every cache index comes from the stage's own
+layers, or a chain of them). Weights, caches and every call run on the
+stage's ``device`` (the rank's, ``runtime.device``); inputs must already be
+there (the transport delivers them there; the reference pipeline moves them).
+Every cache index comes from the stage's own
 ``CacheLifecycle`` window; nothing here computes an index on the side.
 """
 
@@ -36,11 +39,23 @@ def _no_mesh(t: Tensor) -> Tensor:
     return t
 
 
+def _resolved(device: torch.device | str | None) -> torch.device:
+    """``device`` with an index where it has one (``cuda`` -> ``cuda:<current>``), so that
+    comparing it with a tensor's device is exact; CPU when None."""
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 class GeneratorStage:
     """Layers ``layer_range = [a, b)``, optionally one shard of a tensor-parallel mesh.
 
     ``reduce`` sums the row-sharded partial outputs over the mesh (the runtime
     passes an all-reduce on the stage's mesh group); identity when ``tp_size == 1``.
+    ``device`` (default CPU) holds the weights, the KV and cross-attention caches
+    and every tensor a call makes; the weights' bytes do not depend on it (drawn
+    on the CPU, then moved), the outputs do (CPU and GPU kernels round differently).
     """
 
     _MOD_CACHE_SIZE = 16
@@ -53,6 +68,7 @@ class GeneratorStage:
         tp_rank: int = 0,
         tp_size: int = 1,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         m = config.model
         a, b = layer_range
@@ -61,20 +77,22 @@ class GeneratorStage:
         if tp_size > 1 and reduce is None:
             raise ValueError("a tensor-parallel shard needs a reduce over its mesh")
         self.config = config
+        self.device = _resolved(device)
         self.layer_range = (a, b)
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.is_first = a == 0
         self.is_last = b == m.layers
         self.lifecycle = CacheLifecycle(config.cache_geometry())
         self._reduce = reduce if reduce is not None else _no_mesh
-        self._time = TimeEmbedding(m)
-        self._rope = RotaryTable(m)
-        self.patch_embed = PatchEmbed(m) if self.is_first else None
-        self.head = Head(m) if self.is_last else None
-        self.blocks = [Block(m, i, tp_rank, tp_size) for i in range(a, b)]
+        dev = self.device
+        self._time = TimeEmbedding(m, dev)
+        self._rope = RotaryTable(m, dev)
+        self.patch_embed = PatchEmbed(m, dev) if self.is_first else None
+        self.head = Head(m, dev) if self.is_last else None
+        self.blocks = [Block(m, i, tp_rank, tp_size, dev) for i in range(a, b)]
         capacity = self.lifecycle.geometry.capacity
         self.caches = [
-            LayerCache(m.heads // tp_size, capacity, m.dim // m.heads) for _ in self.blocks
+            LayerCache(m.heads // tp_size, capacity, m.dim // m.heads, dev) for _ in self.blocks
         ]
         self._conditioning: Tensor | None = None
         self._roll_after_recompute = False
@@ -85,10 +103,14 @@ class GeneratorStage:
         """Apply the plan's resets and roll; keep ``conditioning`` for cross-attention."""
         m = self.config.model
         want = (m.text_tokens, m.text_dim)
-        if tuple(conditioning.shape) != want or conditioning.dtype != torch.float32:
+        if (
+            tuple(conditioning.shape) != want
+            or conditioning.dtype != torch.float32
+            or conditioning.device != self.device
+        ):
             raise StageInputError(
-                f"conditioning {tuple(conditioning.shape)} {conditioning.dtype}, "
-                f"expected {want} float32",
+                f"conditioning {tuple(conditioning.shape)} {conditioning.dtype} on {conditioning.device}, "
+                f"expected {want} float32 on {self.device}",
                 chunk=ChunkId.of(plan),
             )
         window = self.lifecycle.begin_chunk(plan)
@@ -159,7 +181,7 @@ class GeneratorStage:
             named.append(("head", self.head))
         for prefix, module in named:
             for name, t in module.named_tensors():
-                parts += [f"{prefix}.{name}".encode(), t.contiguous().numpy().tobytes()]
+                parts += [f"{prefix}.{name}".encode(), t.contiguous().cpu().numpy().tobytes()]
         return digest_bytes(*parts)
 
     # -- internals ---------------------------------------------------------
@@ -185,9 +207,10 @@ class GeneratorStage:
             want: tuple[int, ...] = (n_frames, m.latent_channels, m.latent_height, m.latent_width)
         else:
             want = (n_frames * m.tokens_per_frame, m.dim)
-        if tuple(x.shape) != want or x.dtype != torch.float32:
+        if tuple(x.shape) != want or x.dtype != torch.float32 or x.device != self.device:
             raise StageInputError(
-                f"stage {self.layer_range} got {tuple(x.shape)} {x.dtype}, expected {want} float32",
+                f"stage {self.layer_range} got {tuple(x.shape)} {x.dtype} on {x.device}, "
+                f"expected {want} float32 on {self.device}",
                 chunk=w.id,
             )
         return self.patch_embed(x) if self.patch_embed is not None else x

@@ -15,6 +15,12 @@ inputs (phase A) and decodes results (phase C):
   The backend's decode is frame-independent (``check_frame_independent_decode``),
   so the bytes are the same in any order.
 
+Device: ``device`` (default CPU) is where the backend is built (if its factory
+takes one) and where every chunk input is made; latents and pixels are kept on
+whatever device they are handed in on. Rank 0 and the reference pipeline keep
+stage 0 on the host (rank 0 copies each result there, ``HostStage``), so their
+envelopes are the same bytes; the generator moves them to its own device.
+
 ``decode`` runs the VAE outside the lock, so rank 0 may call it from a worker
 thread while the event loop builds the next envelope. A plan of a newer epoch
 clears the old epoch's latents and pixels; a plan of an older epoch is refused
@@ -66,9 +72,16 @@ class ChunkInputs:
 
 
 class StreamInputs:
-    def __init__(self, config: PPStageConfig, backend: Stage0Backend | None = None) -> None:
+    def __init__(
+        self,
+        config: PPStageConfig,
+        backend: Stage0Backend | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.config = config
-        self.backend: Stage0Backend = backend if backend is not None else build_stage0(config)
+        self.device = torch.device(device if device is not None else "cpu")
+        self.backend: Stage0Backend = backend if backend is not None else build_stage0(config, self.device)
         self._shape = latent_shape(config)
         self._lock = threading.Lock()
         self._epoch = -1
@@ -99,9 +112,9 @@ class StreamInputs:
             self._enter_epoch(plan)
         context = self._context(plan) if plan.do_kv_recompute else None
         return ChunkInputs(
-            latents_in=initial_latents(plan, self._shape),
+            latents_in=initial_latents(plan, self._shape, self.device),
             conditioning=self.backend.encode_text(plan.prompt),
-            step_list=torch.tensor(plan.denoising_step_list, dtype=torch.int64),
+            step_list=torch.tensor(plan.denoising_step_list, dtype=torch.int64, device=self.device),
             context_frames=context,
         )
 
@@ -142,7 +155,7 @@ class StreamInputs:
         """
         offsets = list(offsets)
         if not offsets:
-            return torch.empty((0,), dtype=torch.uint8)
+            return torch.empty((0,), dtype=torch.uint8, device=latents_out.device)
         whole = offsets == list(range(latents_out.shape[0]))
         pixels = self.backend.vae_decode(latents_out if whole else latents_out[offsets])
         with self._lock:

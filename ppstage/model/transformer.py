@@ -14,6 +14,10 @@ a shard is exactly a slice of the ``tp_size == 1`` weights. Row-sharded
 layers (attention out, MLP out) return partial sums; ``reduce`` adds the
 partials of the mesh and only then is the bias added, once.
 
+Device: every weight and table is drawn and derived on the CPU (so its bytes
+are the same wherever it ends up) and then moved to the ``device`` the module
+is built for; caches are allocated there and the forward pass runs there.
+
 Nothing here knows about chunks or plans: ``LayerCache`` takes explicit
 indices, which ``GeneratorStage`` reads from ``CacheLifecycle``'s window.
 """
@@ -31,6 +35,11 @@ from ppstage.config import ModelConfig
 from ppstage.model.seeds import seeded_generator
 
 Reduce = Callable[[Tensor], Tensor]
+Device = torch.device | str
+
+
+def _on(device: Device, *tensors: Tensor) -> tuple[Tensor, ...]:
+    return tuple(t.to(device) for t in tensors)
 
 
 def _linear_weights(
@@ -47,9 +56,9 @@ class LayerCache:
     ``k`` is stored *after* rotary, so a cached key never needs its position again.
     """
 
-    def __init__(self, heads: int, capacity: int, head_dim: int) -> None:
-        self.k = torch.zeros(heads, capacity, head_dim)
-        self.v = torch.zeros(heads, capacity, head_dim)
+    def __init__(self, heads: int, capacity: int, head_dim: int, device: Device = "cpu") -> None:
+        self.k = torch.zeros(heads, capacity, head_dim, device=device)
+        self.v = torch.zeros(heads, capacity, head_dim, device=device)
         self.cross_k: Tensor | None = None
         self.cross_v: Tensor | None = None
         self.cross_is_init = False
@@ -83,14 +92,16 @@ class RotaryTable:
     """Rotations ``exp(i * position * freq)`` for frame positions ``[0, rope_max_frames)``.
 
     Pairs are interleaved (llama / gpt-fast convention): dims ``(2j, 2j+1)`` rotate together.
+    Rotations are computed on the CPU and moved to ``device``.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: Device = "cpu") -> None:
         hd = cfg.dim // cfg.heads
         freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         angles = torch.arange(cfg.rope_max_frames, dtype=torch.float64)[:, None] * freqs[None, :]
-        self.table = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
-        self.freqs = freqs
+        self.device = torch.device(device)
+        self.table = torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(self.device)
+        self.host_freqs = freqs  # stays on the CPU: ``shift`` computes like the table, then moves
         self.tokens_per_frame = cfg.tokens_per_frame
         self.max_frames = cfg.rope_max_frames
 
@@ -98,7 +109,7 @@ class RotaryTable:
         """Per-token rotations ``[tokens, 1, 1, head_dim/2]``; a frame's tokens share its position."""
         if min(frames) < 0 or max(frames) >= self.max_frames:
             raise ValueError(f"frame positions {tuple(frames)} outside the rotary table")
-        idx = torch.tensor(frames, dtype=torch.long).repeat_interleave(self.tokens_per_frame)
+        idx = torch.tensor(frames, dtype=torch.long).repeat_interleave(self.tokens_per_frame).to(self.device)
         return self.table[idx][:, None, None, :]
 
     def shift(self, delta: int) -> Tensor:
@@ -107,8 +118,8 @@ class RotaryTable:
         Computed like the table (float64 angles, then complex64); ``delta`` may be
         negative (a re-base moves keys down) and is not bounded by the table.
         """
-        angles = float(delta) * self.freqs
-        return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+        angles = float(delta) * self.host_freqs
+        return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(self.device)
 
 
 def apply_rotary(x: Tensor, rope: Tensor) -> Tensor:
@@ -120,15 +131,16 @@ def apply_rotary(x: Tensor, rope: Tensor) -> Tensor:
 class TimeEmbedding:
     """Sinusoidal timestep embedding -> MLP. Built on every stage (it is tiny)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: Device = "cpu") -> None:
         g = seeded_generator(cfg.seed, "time_embed")
         self.half = cfg.dim // 2
-        self.w1, self.b1 = _linear_weights(g, cfg.dim, 2 * self.half)
-        self.w2, self.b2 = _linear_weights(g, cfg.dim, cfg.dim)
+        w1, b1 = _linear_weights(g, cfg.dim, 2 * self.half)
+        w2, b2 = _linear_weights(g, cfg.dim, cfg.dim)
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(self.half, dtype=torch.float64) / self.half)
+        self.w1, self.b1, self.w2, self.b2, self.freqs = _on(device, w1, b1, w2, b2, freqs)
 
     def __call__(self, timestep: float) -> Tensor:
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(self.half, dtype=torch.float64) / self.half)
-        ang = float(timestep) * freqs
+        ang = float(timestep) * self.freqs
         emb = torch.cat((ang.cos(), ang.sin())).float()
         return F.linear(F.silu(F.linear(emb, self.w1, self.b1)), self.w2, self.b2)
 
@@ -139,12 +151,13 @@ class TimeEmbedding:
 class PatchEmbed:
     """``[F, C, H, W]`` -> ``[F * tokens_per_frame, dim]`` (plus a spatial position embedding)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: Device = "cpu") -> None:
         g = seeded_generator(cfg.seed, "patch_embed")
         p, c = cfg.patch_size, cfg.latent_channels
         self.cfg = cfg
-        self.w, self.b = _linear_weights(g, cfg.dim, c * p * p)
-        self.pos = torch.randn(cfg.tokens_per_frame, cfg.dim, generator=g) * 0.5
+        w, b = _linear_weights(g, cfg.dim, c * p * p)
+        pos = torch.randn(cfg.tokens_per_frame, cfg.dim, generator=g) * 0.5
+        self.w, self.b, self.pos = _on(device, w, b, pos)
 
     def __call__(self, x: Tensor) -> Tensor:
         cfg, p = self.cfg, self.cfg.patch_size
@@ -160,12 +173,13 @@ class PatchEmbed:
 class Head:
     """Final adaLN norm + projection, unpatchified to a flow prediction ``[F, C, H, W]``."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: Device = "cpu") -> None:
         g = seeded_generator(cfg.seed, "head")
         p, c = cfg.patch_size, cfg.latent_channels
         self.cfg = cfg
-        self.mod_w, self.mod_b = _linear_weights(g, 2 * cfg.dim, cfg.dim, gain=0.5)
-        self.w, self.b = _linear_weights(g, c * p * p, cfg.dim)
+        mod_w, mod_b = _linear_weights(g, 2 * cfg.dim, cfg.dim, gain=0.5)
+        w, b = _linear_weights(g, c * p * p, cfg.dim)
+        self.mod_w, self.mod_b, self.w, self.b = _on(device, mod_w, mod_b, w, b)
 
     def __call__(self, h: Tensor, temb: Tensor) -> Tensor:
         cfg, p = self.cfg, self.cfg.patch_size
@@ -235,7 +249,9 @@ class Block:
     count is the cost, so the forward pass is written for few, small ops.
     """
 
-    def __init__(self, cfg: ModelConfig, index: int, tp_rank: int = 0, tp_size: int = 1) -> None:
+    def __init__(
+        self, cfg: ModelConfig, index: int, tp_rank: int = 0, tp_size: int = 1, device: Device = "cpu"
+    ) -> None:
         if not 0 <= tp_rank < tp_size or cfg.heads % tp_size or (cfg.dim * cfg.mlp_ratio) % tp_size:
             raise ValueError(f"cannot shard {cfg.heads} heads as rank {tp_rank} of {tp_size}")
         self.index = index
@@ -243,7 +259,7 @@ class Block:
         self.dim = cfg.dim
         self.head_dim = cfg.dim // cfg.heads
         self.local_heads = cfg.heads // tp_size
-        w = self.w = shard_block_weights(full_block_weights(cfg, index), cfg, tp_rank, tp_size)
+        w = shard_block_weights(full_block_weights(cfg, index), cfg, tp_rank, tp_size)
 
         scale = 1.0 / math.sqrt(self.head_dim)
         dl = self.local_heads * self.head_dim
@@ -260,6 +276,10 @@ class Block:
         self._xout = (w["xout_b"], t("xout_w"))
         self._fc1 = (w["fc1_b"], t("fc1_w"))
         self._fc2 = (w["fc2_b"], t("fc2_w"))
+        # Derived on the CPU above (same bytes on every device), then moved.
+        self.w = {name: v.to(device) for name, v in w.items()}
+        for attr in ("_qkv", "_out", "_xq", "_xkv", "_xout", "_fc1", "_fc2"):
+            setattr(self, attr, _on(device, *getattr(self, attr)))
 
     def modulation(self, temb: Tensor) -> tuple[Tensor, ...]:
         """shift, 1 + scale, gate for attention, then for the MLP (each ``[dim]``)."""

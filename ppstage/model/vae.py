@@ -5,7 +5,8 @@ Each latent pixel maps to an 8x8 RGB patch through a fixed linear map and a
 and applies the pseudo-inverse of the map. The round trip is *lossy* (uint8
 quantisation, saturation of the squash, a small 3x3 pixel blur that the
 encoder does not undo), which is what makes R0a's decoded anchor differ from
-R0's latent anchor.
+R0's latent anchor. The maps are built on the CPU and moved to ``device``;
+encode and decode run there.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from ppstage.model.seeds import seeded_generator
 
 
 class ToyVAE:
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> None:
         g = seeded_generator(cfg.seed, "vae")
         s, c = cfg.vae_scale, cfg.latent_channels
         self.scale, self.channels = s, c
-        self.dec_w = torch.randn(3 * s * s, c, generator=g) * (0.9 / c**0.5)
-        self.dec_b = torch.randn(3 * s * s, generator=g) * 0.2
-        self.enc_w = torch.linalg.pinv(self.dec_w.double()).float()
+        dec_w = torch.randn(3 * s * s, c, generator=g) * (0.9 / c**0.5)
+        dec_b = torch.randn(3 * s * s, generator=g) * 0.2
+        enc_w = torch.linalg.pinv(dec_w.double()).float()  # on the CPU: LAPACK, the same bytes everywhere
         blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 12.0, 2.0], [1.0, 2.0, 1.0]])
-        self.blur = (blur / blur.sum()).expand(3, 1, 3, 3).contiguous()
+        blur = (blur / blur.sum()).expand(3, 1, 3, 3).contiguous()
+        self.dec_w, self.dec_b, self.enc_w, self.blur = (t.to(device) for t in (dec_w, dec_b, enc_w, blur))
 
     def decode(self, latents: Tensor) -> Tensor:
         """``[F, C, h, w]`` float32 -> ``[F, 3, h*s, w*s]`` uint8."""

@@ -50,7 +50,6 @@ from ppstage.digests import tensor_digest
 from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step, step_noise
 from ppstage.model.backend import GeneratorBackend
 from ppstage.model.loader import build_generator
-from ppstage.distributed.devices import MODEL_DEVICE
 from ppstage.distributed.topology import MeshComm, Role
 from ppstage.distributed.transport import Inbound, Mailbox, MailboxInterrupted, Transport
 from ppstage.stages.envelopes import error_result, hop, ok_result
@@ -73,11 +72,14 @@ class _Aborted(Exception):
         self.msg = msg
 
 
-def build_stage_model(config: PPStageConfig, role: Role, comm: MeshComm) -> GeneratorBackend:
+def build_stage_model(
+    config: PPStageConfig, role: Role, comm: MeshComm, device: torch.device | str = "cpu"
+) -> GeneratorBackend:
+    """This rank's layers on ``device``, the rank's (where its transport and mesh deliver tensors)."""
     assert role.layer_range is not None  # generator ranks always own layers
     reduce = comm.all_reduce if role.tp_size > 1 else None
     model = build_generator(
-        config, role.layer_range, tp_rank=role.tp_rank, tp_size=role.tp_size, reduce=reduce
+        config, role.layer_range, tp_rank=role.tp_rank, tp_size=role.tp_size, reduce=reduce, device=device
     )
     # SPEC section 9: the weight fingerprint of every shard, logged once at start-up.
     log.info(
@@ -135,7 +137,7 @@ class StageLeader:
         self.config = config
         self.role = role
         self.transport = transport
-        self.model = build_stage_model(config, role, comm)
+        self.model = build_stage_model(config, role, comm, transport.device)
         self.relay = MeshRelay(
             comm, role.rank, extra_collective=config.runtime.debug_extra_collective, device=transport.device
         )
@@ -262,7 +264,7 @@ class StageLeader:
                                   self._call, env, "recompute", -1, RECOMPUTE_TIMESTEP, x)
             if not self.last:
                 await self.transport.send(self.next_rank, hop(env, call_kind="recompute", step=-1, target="hidden", tensor=y), [y])
-        x_t = tensors["latents_in"].to(MODEL_DEVICE)  # the scheduler step runs with the model
+        x_t = tensors["latents_in"]  # on the rank's device, like the model and the scheduler step
         if self._fused:
             await self._fused_steps(env, steps, x_t, t0)
         else:
@@ -393,7 +395,7 @@ class StageLeader:
         upstream_reports: tuple[StageReport, ...] = ()
         # The last stage's re-noise of each step depends only on the plan: drawn now,
         # while the first hop is still on its way, not between a call and its hop.
-        noises = [step_noise(env, i, tuple(x_t.shape)) for i in range(n - 1)] if self.last else []
+        noises = [step_noise(env, i, tuple(x_t.shape), device=x_t.device) for i in range(n - 1)] if self.last else []
         for i in range(n):
             final = i == n - 1
             source = self._step_source(i)
@@ -516,14 +518,14 @@ class StageLeader:
         # The leader's own lifecycle check runs first: a plan it must refuse (an
         # illegal transition) is refused before any mesh collective is entered.
         cond = ordered[[s.name for s in env.tensors].index("conditioning_embeds")]
-        self.model.begin_chunk(env, cond.to(MODEL_DEVICE))
+        self.model.begin_chunk(env, cond)
         self.relay.publish(env, ordered)
 
     def _call(self, env: InferEnvelope, kind: str, step: int, timestep: float, x: torch.Tensor) -> torch.Tensor:
         if self.relay.active:
             target = "latent" if self.first else "hidden"
             self.relay.publish(hop(env, call_kind=kind, step=step, target=target, tensor=x), [x])
-        y = self.model.run_call(kind, timestep, x.to(MODEL_DEVICE))  # type: ignore[arg-type]
+        y = self.model.run_call(kind, timestep, x)  # type: ignore[arg-type]
         if self._call_cost_s:
             time.sleep(self._call_cost_s)  # simulated generator cost (config.runtime)
         return y
@@ -659,7 +661,7 @@ class MeshFollower:
     ) -> None:
         self.config = config
         self.role = role
-        self.model = build_stage_model(config, role, comm)
+        self.model = build_stage_model(config, role, comm, device)
         self.relay = MeshRelay(
             comm, role.leader_of(role.stage), extra_collective=config.runtime.debug_extra_collective,
             device=device,
@@ -682,12 +684,12 @@ class MeshFollower:
                     steps = [int(t) for t in tensors["denoising_step_list"].tolist()]
                     exit_if_drilled(self.drills, env.chunk_index, self.role.rank)
                     self.cold = self._warmup.enter((env.num_frames, env.height, env.width, tuple(steps)))
-                    self.model.begin_chunk(env, tensors["conditioning_embeds"].to(MODEL_DEVICE))
+                    self.model.begin_chunk(env, tensors["conditioning_embeds"])
                 elif isinstance(msg, StageHop):
                     if env is None or (msg.cache_epoch, msg.call_id) != (env.cache_epoch, env.call_id):
                         raise UnexpectedMessage("mesh hop without its envelope", chunk=msg.id)
                     t = RECOMPUTE_TIMESTEP if msg.call_kind == "recompute" else float(steps[msg.step])
-                    y = self.model.run_call(msg.call_kind, t, next(iter(tensors.values())).to(MODEL_DEVICE))
+                    y = self.model.run_call(msg.call_kind, t, next(iter(tensors.values())))
                     if self.model.lifecycle.state.calls_made == env.expected_generator_calls:
                         state = self.model.end_chunk()
                         self.relay.recorder.chunk(env, self.role.stage, state, self.model.state_digest(), tensor_digest(y))

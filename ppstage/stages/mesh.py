@@ -83,7 +83,8 @@ class MeshRelay:
         header = parse_header(head)
         view = self._meta[: header.meta_len]
         self.comm.broadcast(view, self.leader_rank)
-        msg = decode_metadata(header, head, bytes(view.cpu().numpy()))
+        meta = bytes(view.cpu().numpy())  # the buffers live on the mesh's device (cuda on NCCL)
+        msg = decode_metadata(header, head, meta)
         tensors: dict[str, torch.Tensor] = {}
         flats = []
         for spec in msg.tensors:
@@ -91,7 +92,7 @@ class MeshRelay:
             self.comm.broadcast(flat, self.leader_rank)
             tensors[spec.name] = rebuild(spec, flat)
             flats.append(flat)
-        self.recorder.message("recv", self.leader_rank, self._group_name, msg, flats, header=head, meta=bytes(view.numpy()))
+        self.recorder.message("recv", self.leader_rank, self._group_name, msg, flats, header=head, meta=meta)
         return msg, tensors
 
     def check_digests(self, state_digest: str, output_digest: str, chunk: ChunkId) -> None:
