@@ -14,6 +14,7 @@ is refused at load with a ``ConfigError`` naming its key path, e.g.
 | ``_sections.py`` | one Struct per section (``[model]`` ... ``[liveness]``) and the bounded number types |
 | ``_drills.py`` | the ``[[faults.drill]]`` schema and where each kind can act |
 | ``_root.py`` | ``PPStageConfig``: the sections together, rules across them, derived values, TOML, digest |
+| ``_docs.py`` | one line of meaning per key, with type and default from the schema (``ppstage config --keys``) |
 | ``_load.py`` | ``ConfigError``; TOML and nested data to typed config, msgspec errors as key paths |
 
 Import from ``ppstage.config`` only: the modules are private.
@@ -25,6 +26,7 @@ from protocol import RecomputeMode
 
 # ``__all__`` is frozen (tests/test_public_api.py); as before the split, the other sections and the
 # drill schema (which ppstage.faults builds on) are importable from here too.
+from ppstage.config._docs import KeyDoc, key_docs
 from ppstage.config._drills import DRILL_SITE, FOREVER_S, Drill, DrillKind, FaultsConfig, check_sites
 from ppstage.config._load import ConfigError
 from ppstage.config._root import PPStageConfig
@@ -47,12 +49,14 @@ __all__ = [
     "CacheGeometry",
     "ConfigError",
     "DenoiseConfig",
+    "KeyDoc",
     "ModelConfig",
     "PPStageConfig",
     "RecomputeConfig",
     "RecomputeMode",
     "RuntimeConfig",
     "TopologyConfig",
+    "key_docs",
     "step_list_problem",
 ]
 
