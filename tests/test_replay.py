@@ -22,7 +22,9 @@ import pytest
 from protocol.msglog import ChunkRecord, EventRecord, LogHeader, MessageRecord, encode_log, read_log
 from ppstage.cli import main
 from ppstage.config import Drill, FaultsConfig, PPStageConfig
+from ppstage.replay.errors import DrillsRecorded
 from ppstage.replay.inject import inject
+from ppstage.replay.pipeline import replay_pipeline
 from ppstage.replay.runlog import RunLogs
 from ppstage.replay.verify import bisect, replay
 from ppstage.stages.launcher import start_pipeline
@@ -96,6 +98,30 @@ def test_a_recorded_demo_replays_through_a_fresh_gloo_pipeline(recorded, tmp_pat
     report = replay_pipeline(RunLogs.load([recorded]), work_dir=tmp_path)
     assert len(report.checks) == 5 and report.ok
     assert all("output_digest" in c.compared for c in report.checks)
+
+
+def test_a_run_recorded_with_drills_is_refused_by_pipeline_replay_and_replays_without_them(tmp_path, capsys):
+    # delay_result only slows the last stage's send: without it the re-run must match bitwise.
+    config = msgspec.structs.replace(config_for(), faults=FaultsConfig(
+        drill=(Drill(kind="delay_result", rank=2, chunk=1, ms=200.0),)))
+    pipe, codes, rec = record_run(tmp_path / "drilled", config, chunks=3)
+    assert codes == [0, 0, 0], pipe.log_tail(0)
+    capsys.readouterr()
+    assert main(["replay", str(rec), "--pipeline"]) == 2
+    err = capsys.readouterr().err
+    assert "delay_result (rank 2, chunk 1)" in err and "--without-drills" in err
+    with pytest.raises(DrillsRecorded) as info:
+        replay_pipeline(RunLogs.load([rec]), work_dir=tmp_path / "refused")
+    assert [d.kind for d in info.value.drills] == ["delay_result"]
+    assert not (tmp_path / "refused" / "replayed").exists()  # refused before any process started
+    assert main(["replay", str(rec), "--pipeline", "--without-drills"]) == 0
+    out = capsys.readouterr().out
+    assert "without its fault drills: delay_result (rank 2, chunk 1)" in out and "ALL MATCH: 3 chunk(s)" in out
+
+
+def test_without_drills_is_only_for_pipeline_replay(recorded, capsys):
+    assert main(["replay", str(recorded), "--without-drills"]) == 2
+    assert "--without-drills needs --pipeline" in capsys.readouterr().err
 
 
 def _tamper(src: Path, dst: Path, rank: int, chunk_index: int) -> None:
@@ -212,6 +238,9 @@ def test_bisect_names_the_first_chunk_and_rank_of_an_injected_divergence(tmp_pat
     out = capsys.readouterr().out
     assert "first divergence: chunk 2" in out and "rank 2 (stage 2)" in out
     assert "rank 1 (stage 1)" in out.split("agree:")[1]
+    # Re-run without the drill, the fresh pipeline departs where the drill's damage first shows.
+    assert main(["replay", "--pipeline", "--without-drills", str(rec)]) == 1
+    assert "MISMATCH at chunk 2 (epoch 0), rank 2 (stage 2), field state_digest" in capsys.readouterr().err
     # The typed error made every rank write its flight recorder into the run's directory.
     for r in range(3):
         dump = read_log(tmp_path / f"rank{r}.flight.ppslog")

@@ -262,7 +262,7 @@ async def test_slow_and_vanishing_viewers_are_cleaned_up_and_counted(service):
             viewers = await metric(http, url, "ppstage_viewers")
             in_flight = await metric(http, url, "ppstage_http_requests_in_flight")
             queued = await metric(http, url, "ppstage_viewer_queue_frames")
-            if (viewers, in_flight) == (0.0, 1.0):  # 1: this scrape itself
+            if (viewers, in_flight, queued) == (0.0, 1.0, 0.0):  # 1: this scrape itself
                 break
             assert time.monotonic() < end, f"viewers {viewers}, requests in flight {in_flight}, queued {queued}"
             await asyncio.sleep(0.3)

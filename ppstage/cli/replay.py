@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start at epoch E's init_cache chunk (default: the first epoch boundary)")
     p.add_argument("--pipeline", action="store_true",
                    help="verify with a fresh local gloo pipeline instead of the reference")
+    p.add_argument("--without-drills", action="store_true",
+                   help="--pipeline: re-run a run recorded with fault drills without them "
+                        "(refused otherwise, exit 2)")
     p.add_argument("--timeout", type=positive_float, default=300.0, help="--pipeline: give up after this many seconds")
 
 
@@ -41,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
             return _inject(run_logs, args.inject)
         if args.bisect:
             return _bisect(run_logs, args.from_epoch)
-        return _verify(run_logs, args.from_epoch, args.pipeline, args.timeout)
+        if args.without_drills and not args.pipeline:
+            raise ReplayError("--without-drills needs --pipeline: the reference replay never runs drills")
+        return _verify(run_logs, args.from_epoch, args.pipeline, args.timeout, args.without_drills)
     except ReplayMismatch as exc:
         print(f"\nMISMATCH at chunk {exc.chunk_index} (epoch {exc.cache_epoch}), {exc.where}, field "
               f"{exc.field}: recorded {exc.recorded}, replay gives {exc.replayed}", file=sys.stderr)
@@ -67,7 +72,7 @@ def _table(checks, title: str):
     return table
 
 
-def _verify(run_logs, from_epoch: int | None, pipeline: bool, timeout: float) -> int:
+def _verify(run_logs, from_epoch: int | None, pipeline: bool, timeout: float, without_drills: bool = False) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
@@ -78,10 +83,13 @@ def _verify(run_logs, from_epoch: int | None, pipeline: bool, timeout: float) ->
 
     console = Console(highlight=False, stderr=False, width=None if is_terminal() else 200)
     if pipeline:
-        from ppstage.replay.pipeline import replay_pipeline
+        from ppstage.replay.pipeline import describe_drills, replay_pipeline
 
+        drills = run_logs.config().faults.drill
+        if without_drills and drills:
+            console.print(f"replaying the stream without its fault drills: {describe_drills(drills)}")
         console.print("replaying through a fresh local gloo pipeline ...")
-        report = replay_pipeline(run_logs, from_epoch=from_epoch, timeout_s=timeout)
+        report = replay_pipeline(run_logs, from_epoch=from_epoch, timeout_s=timeout, without_drills=without_drills)
         console.print(_table(report.checks, "replay --pipeline: recorded vs re-run"))
         console.print(f"ALL MATCH: {len(report.checks)} chunk(s) from epoch {report.start_epoch}")
         return 0

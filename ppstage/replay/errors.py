@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from protocol import ChunkId
 
 from ppstage.errors import PPStageError
+
+if TYPE_CHECKING:
+    from ppstage.config import Drill
 
 
 class ReplayError(PPStageError):
@@ -21,3 +26,15 @@ class ReplayMismatch(ReplayError):
         self.field = field
         self.recorded = recorded
         self.replayed = replayed
+
+
+class DrillsRecorded(ReplayError):
+    """``replay --pipeline`` of a run recorded with fault drills: a re-run would fire them again.
+
+    ``drills`` are the recorded config's ``[[faults.drill]]`` entries; the message
+    names each one and the ``--without-drills`` way out.
+    """
+
+    def __init__(self, message: str, *, drills: "tuple[Drill, ...]") -> None:
+        super().__init__(message)
+        self.drills = drills

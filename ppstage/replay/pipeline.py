@@ -6,6 +6,14 @@ same plans); a fresh pipeline with the recorded config runs them with
 recording on, and its logs are compared with the recorded ones chunk by
 chunk: the plan itself, the output digest of every result, the state digest
 of rank 0's shadow lifecycle and of every generator rank.
+
+A run recorded with fault drills is refused (``DrillsRecorded``): the recorded
+config would fire the same deliberate faults in the re-run, which then ends,
+stalls or departs the way the drill made it, and proves nothing about the
+runtime. ``without_drills=True`` re-runs the stream with the drills removed:
+a drill that only changes timing (``delay_result``, a bounded stall) then
+matches everywhere, and one that damaged state shows as the first mismatch
+at the chunk where its damage first reached a digest.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ import msgspec
 
 from protocol import digest_bytes
 
+from ppstage.config import Drill, FaultsConfig
 from ppstage.core.plan import ChunkPlan
-from ppstage.replay.errors import ReplayError, ReplayMismatch
+from ppstage.replay.errors import DrillsRecorded, ReplayError, ReplayMismatch
 from ppstage.replay.runlog import RunLogs
 from ppstage.replay.verify import ChunkCheck, Departure, ReplayReport, _raise, start_index
 
@@ -49,13 +58,40 @@ def launch_args_for(plans: list[ChunkPlan]) -> list[str]:
     return args
 
 
+def describe_drills(drills: tuple[Drill, ...]) -> str:
+    """``kind (rank r, chunk c)`` for each drill, comma-separated."""
+    return ", ".join(f"{d.kind} (rank {d.rank}, chunk {d.chunk})" for d in drills)
+
+
 def replay_pipeline(run: RunLogs, *, from_epoch: int | None = None, timeout_s: float = 300.0,
-                    work_dir: str | Path | None = None) -> ReplayReport:
+                    work_dir: str | Path | None = None, without_drills: bool = False) -> ReplayReport:
+    """Re-run ``run`` on a fresh local pipeline and compare (see the module docstring).
+
+    Raises
+    ------
+    DrillsRecorded
+        The recorded config carries fault drills and ``without_drills`` is False
+        (raised before any process starts).
+    ReplayMismatch
+        At the first recorded value the re-run does not reproduce.
+    ReplayError
+        Logs that cannot be re-run (see ``launch_args_for``), or the re-run failed.
+    """
     from ppstage.stages.launcher import start_pipeline
 
     s0 = run.stage0
     # Never write into the recorded run's directory (a [record] dir in its config).
     config = s0.config().with_overrides({"record.dir": None})
+    drills = config.faults.drill
+    if drills and not without_drills:
+        raise DrillsRecorded(
+            f"the run was recorded with fault drills: {describe_drills(drills)}; a fresh pipeline would fire "
+            "them again and cannot match a real run. Pass --without-drills to re-run the stream without them "
+            "(a drill that damaged state then shows as the first mismatch)",
+            drills=drills,
+        )
+    if drills:
+        config = msgspec.structs.replace(config, faults=FaultsConfig())
     plans = s0.plans()
     first = start_index(plans, from_epoch)
     args = launch_args_for(plans)
@@ -119,4 +155,5 @@ def _plan_digest(plan: ChunkPlan | None) -> str | None:
     return None if plan is None else digest_bytes(msgspec.msgpack.encode(plan))
 
 
-__all__ = ["ReplayMismatch", "compare_runs", "launch_args_for", "replay_pipeline"]
+__all__ = ["DrillsRecorded", "ReplayMismatch", "compare_runs", "describe_drills", "launch_args_for",
+           "replay_pipeline"]

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ppstage.service.api")
 
 HOST: web.AppKey[ServiceHost] = web.AppKey("host")
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _WS_HEARTBEAT_S = 20.0
 
@@ -89,7 +90,7 @@ def _json(obj: object, status: int = 200, headers: dict[str, str] | None = None)
 
 def _error(request: web.Request, status: int, error: str, detail: str, field: str | None = None,
            headers: dict[str, str] | None = None) -> web.Response:
-    body = ApiError(error=error, detail=detail, field=field, request_id=request.get("request_id"))
+    body = ApiError(error=error, detail=detail, field=field, request_id=request.get(REQUEST_ID))
     return _json(body, status, headers)
 
 
@@ -97,7 +98,7 @@ def _error(request: web.Request, status: int, error: str, detail: str, field: st
 async def _request_context(request: web.Request, handler) -> web.StreamResponse:
     supplied = request.headers.get("X-Request-Id", "")
     rid = supplied if _SANE_ID.match(supplied) else uuid.uuid4().hex[:16]
-    request["request_id"] = rid
+    request[REQUEST_ID] = rid
     host = request.app[HOST]
     route = request.match_info.route.resource
     label = route.canonical if route is not None else "unmatched"
@@ -188,7 +189,7 @@ def _accepted(request: web.Request, intents: list) -> web.Response:
     kinds = [type(i).__struct_config__.tag for i in intents]
     log.info("intent accepted", intents=kinds, applies_at_chunk=chunk_index, applies_at_epoch=epoch)
     return _json(IntentAccepted(
-        request_id=request["request_id"],
+        request_id=request[REQUEST_ID],
         intents=kinds,  # type: ignore[arg-type]
         applies_at=AppliesAt(chunk_index=chunk_index, cache_epoch=epoch, restart_generation=host.generation),
     ))
@@ -227,7 +228,7 @@ async def post_shutdown(request: web.Request) -> web.Response:
     await _body(request, _Empty)
     log.warning("shutdown requested through the API")
     request.app[HOST].request_shutdown()
-    return _json({"draining": True, "request_id": request["request_id"]}, 202)
+    return _json({"draining": True, "request_id": request[REQUEST_ID]}, 202)
 
 
 # -- frames ------------------------------------------------------------------------

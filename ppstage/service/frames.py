@@ -163,6 +163,10 @@ class FrameHub:
         self._wake = asyncio.Event()
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="frame-encode")
         self._task: asyncio.Task | None = None
+        # Read at scrape time, not set at fan-out: pumps drain and viewers leave
+        # between chunks, and a value set only when frames are offered goes stale.
+        # Scrapes run on the event loop that owns the queues.
+        metrics.viewer_queue_frames.set_function(self.queued_frames)
 
     # -- producer side: the stage-0 actor ----------------------------------
     def publish(self, plan: "ChunkPlan", pixels: "torch.Tensor") -> None:
@@ -231,7 +235,6 @@ class FrameHub:
                 lost = viewer.offer(plan.cache_epoch, packed[viewer.format])
                 if lost:
                     self.metrics.viewer_frames_dropped.labels("slow_viewer").inc(lost)
-        self.metrics.viewer_queue_frames.set(sum(len(v.queue) for v in self.viewers.values()))
 
     def _stale(self, plan: "ChunkPlan", pixels: "torch.Tensor") -> bool:
         if plan.cache_epoch < self.current_epoch():
@@ -285,10 +288,14 @@ class FrameHub:
             viewer.lost_since_send = 0
             self.metrics.viewer_frames_sent.inc()
 
+    def queued_frames(self) -> int:
+        """Frames queued for all viewers together, now."""
+        return sum(len(v.queue) for v in self.viewers.values())
+
     def statistics(self) -> dict[str, int]:
         return {
             "viewers": len(self.viewers),
-            "viewer_queue_frames": sum(len(v.queue) for v in self.viewers.values()),
+            "viewer_queue_frames": self.queued_frames(),
             "encoder_backlog_chunks": len(self._backlog),
         }
 

@@ -53,7 +53,7 @@ class ServiceMetrics:
         self.viewers = Gauge("ppstage_viewers", "WebSocket viewers connected (in flight)", registry=r)
         self.viewer_queue_frames = Gauge(
             "ppstage_viewer_queue_frames", "frames queued for all viewers together", registry=r
-        )
+        )  # a function gauge: FrameHub hands it the live count (read at scrape time)
         self.viewer_frames_sent = Counter("ppstage_viewer_frames_sent", "frames sent to viewers", registry=r)
         self.viewer_frames_dropped = Counter(
             "ppstage_viewer_frames_dropped", "frames not sent to a viewer, by reason", ["reason"], registry=r
