@@ -266,6 +266,21 @@ def test_b15_a_stalled_generator_call_is_named_by_its_rank_and_rank0_reports_it(
     report_figure("B15 stall_generator_call", r)
 
 
+@pytest.mark.timeout(60)
+def test_b15_a_result_owed_past_the_result_deadline_is_named_by_rank0_and_ends_the_stalled_stage(tmp_path):
+    # The stage's own call deadline is out of reach (30 s): rank 0's result deadline
+    # (2 s, re-checked every watchdog tick) names the last stage, and its ERROR ends
+    # the stage although its worker is still inside the stalled call.
+    cfg = config(drill("stall_generator_call", 1, 3, ms=8000), stages=1,
+                 **{"runtime.result_deadline_min_s": 2.0, "liveness.phase_deadline_min_s": 30.0})
+    r = run(tmp_path, cfg)
+    all_failed(r)
+    assert "PhaseStalled: rank 0 got no result from the pipeline (last stage leader rank 1) within 2.0 s" in r.error, r.error
+    assert "terminal action received" in r.log(1)
+    assert r.seconds_to_exit() < 7.0  # not the 8 s stall: the abort ended the stage
+    assert r.emitted_match_reference() == 3
+
+
 # -- B16: cold chunks get the warm-up deadline; the same stall at a steady chunk is caught ---------
 
 

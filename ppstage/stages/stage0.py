@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import msgspec
 import structlog
 import torch
 
@@ -74,6 +73,7 @@ from ppstage.distributed.topology import Role
 from ppstage.distributed.transport import Transport
 from ppstage.stages.envelopes import infer_envelope
 from ppstage.observability.metrics import ChunkEvents, ChunkLedger, RunSummary, summarize
+from ppstage.stages.outcomes import OutcomeLog
 from ppstage.stages.deadlines import PhaseDeadline, ResultDeadline, Running, WarmupTracker
 
 log = structlog.get_logger("ppstage.stage0")
@@ -127,7 +127,7 @@ class Stage0Actor:
         self.shadow = CacheLifecycle(config.cache_geometry())
         # One JSON line per chunk once its outcome is final (what the demo's
         # digest check reads): the in-memory ledger keeps only a recent ring.
-        self._stream = open(chunk_stream, "ab") if chunk_stream is not None else None
+        self._stream = OutcomeLog(chunk_stream) if chunk_stream is not None else None
         self.ledger = ChunkLedger(on_final=self._record_final)
         self.expected_digest: dict[int, str] = {}
         self.plans: dict[int, ChunkPlan] = {}
@@ -380,7 +380,13 @@ class Stage0Actor:
                 self._progress.set()
                 continue
             assert latents is not None  # the gate refuses an ok result without it
-            if latents.numel() * latents.element_size() > INLINE_DIGEST_BYTES:
+            checked = next((s.digest for s in msg.tensors if s.name == "latents_out"), None)
+            if checked is not None:
+                # The receiver thread hashed these very bytes and compared them with the
+                # spec's digest (a mismatch arrives as ``item.error``, raised above): no
+                # second blake2b on the loop.
+                digest = checked
+            elif latents.numel() * latents.element_size() > INLINE_DIGEST_BYTES:
                 digest = await asyncio.get_running_loop().run_in_executor(self._checker, tensor_digest, latents)
             else:  # hashing a few KiB costs less than the hand-off to a worker and back
                 digest = tensor_digest(latents)
@@ -406,24 +412,27 @@ class Stage0Actor:
             self.max_decode_queue = max(self.max_decode_queue, self._decode_q.qsize())
 
     async def _next_result(self):
-        """The next inbound result, or ``WatchdogExpired`` once one is owed for too long.
+        """The next inbound result (an owed result's deadline is ``_watch_phases``' job).
+
+        A plain ``get`` of the result link's mailbox: no timer and no task per
+        result on the loop (``asyncio.wait_for`` made both).
+        """
+        return await self.results.get()
+
+    def _check_owed_result(self) -> None:
+        """``PhaseStalled`` once a result is owed for longer than the result deadline.
 
         Re-checked every tick rather than armed once: a result becomes owed
-        when an envelope is sent, which may happen while this is waiting.
+        when an envelope is sent, which may happen at any moment.
         """
-        while True:
-            try:
-                return await asyncio.wait_for(self.results.get(), WATCHDOG_TICK_S)
-            except asyncio.TimeoutError:
-                pass
-            deadline = self.deadline.deadline_s(cold=bool(self._cold))
-            if self.gate.in_flight() and time.monotonic() - self._owed_since > deadline:
-                last = self.role.leader_of(self.role.num_stages)
-                raise PhaseStalled(
-                    f"rank 0 got no result from the pipeline (last stage leader rank {last}) within "
-                    f"{deadline:.1f} s with {self.gate.in_flight()} chunk(s) in flight",
-                    rank=last, phase="result", chunk=self.gate.oldest_owed(),
-                )
+        deadline = self.deadline.deadline_s(cold=bool(self._cold))
+        if self.gate.in_flight() and time.monotonic() - self._owed_since > deadline:
+            last = self.role.leader_of(self.role.num_stages)
+            raise PhaseStalled(
+                f"rank 0 got no result from the pipeline (last stage leader rank {last}) within "
+                f"{deadline:.1f} s with {self.gate.in_flight()} chunk(s) in flight",
+                rank=last, phase="result", chunk=self.gate.oldest_owed(),
+            )
 
     def _check_result(self, msg: ChunkResult, latents_digest: str) -> None:
         if latents_digest != msg.output_digest:
@@ -498,8 +507,7 @@ class Stage0Actor:
             "chunk_index": ev.chunk_index, "call_id": ev.call_id, "cache_epoch": ev.cache_epoch,
             "outcome": ev.outcome, "output_digest": ev.output_digest, "emitted": ev.emitted,
         }
-        self._stream.write(msgspec.json.encode(line) + b"\n")
-        self._stream.flush()  # a reader (the demo's progress, a killed run's report) sees it now
+        self._stream.write(line)  # written and flushed in the log's own thread, in order
 
     def _decode_part(self, plan: ChunkPlan, latents: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor | None:
         """Decode worker: the frames at ``offsets``; the simulated cost scales with their count."""
@@ -542,9 +550,11 @@ class Stage0Actor:
         return out
 
     async def _watch_phases(self) -> None:
-        """Fail, naming rank 0's phase and chunk, when a decode or sink exceeds its deadline."""
+        """Fail, naming rank 0's phase and chunk, when a decode or sink exceeds its deadline,
+        or naming the last stage when a result is owed for too long."""
         while True:
             await asyncio.sleep(WATCHDOG_TICK_S)
+            self._check_owed_result()
             running = self._running
             if running is not None and running.overdue(time.monotonic()):
                 ev = self.ledger.get(running.chunk_index)
