@@ -65,11 +65,11 @@ def test_a_small_frame_is_one_send_and_a_large_one_adds_one_send_per_tensor():
     assert sends == 2 and torch.equal(out[0], large)
 
 
-def test_on_gloo_a_frame_of_up_to_a_mebibyte_is_one_send_of_the_bytes_it_uses():
+def test_on_gloo_a_frame_of_up_to_256_kib_is_one_send_of_the_bytes_it_uses():
     writer = FrameWriter(CPU, GLOO_PREAMBLE_BYTES, exact=False)
     reader, wire = FrameReader(CPU, GLOO_PREAMBLE_BYTES), Wire()
     wire.shorter_ok = True
-    for rows, sends in ((48, 1), (4096, 1), (8192, 2)):  # 12 KiB, 1 MiB, 2 MiB
+    for rows, sends in ((48, 1), (1024, 1), (1400, 2), (4096, 2)):  # 12 KiB, 256 KiB, 350 KiB (> the preamble), 1 MiB
         t = torch.randn(rows, 64)
         _, out, n = _round_trip(writer, reader, wire, _hop(rows, t), [t])
         assert n == sends and torch.equal(out[0], t)
