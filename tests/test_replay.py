@@ -371,3 +371,17 @@ def test_logs_of_two_runs_are_refused_naming_the_odd_file(tmp_path, capsys):
     (mixed / "rank2.ppslog").write_bytes(encode_log(renamed, other.records))
     assert main(["replay", str(mixed)]) == 2
     assert "is not of the same run" in capsys.readouterr().err
+
+
+def test_a_run_recorded_on_a_cuda_device_is_refused_where_there_is_none():
+    import torch
+
+    from ppstage.config import PPStageConfig
+    from ppstage.replay.errors import ReplayError
+    from ppstage.replay.verify import _replay_device
+
+    assert _replay_device(PPStageConfig()).type == "cpu"  # gloo: the ranks computed on the CPU
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the recorded device")
+    with pytest.raises(ReplayError, match="no such device"):
+        _replay_device(PPStageConfig().with_overrides({"topology.backend": "nccl"}))

@@ -144,7 +144,7 @@ def replay(
         if lg.role in ("leader", "follower")
     }
     torch.set_num_threads(1)
-    pipeline = ReferencePipeline(config, layer_ranges=config.layer_ranges())
+    pipeline = ReferencePipeline(config, layer_ranges=config.layer_ranges(), device=_replay_device(config))
     bitwise = config.topology.tp == 1
     report = ReplayReport(plans[first].call_id, plans[first].cache_epoch, bitwise)
     _start_at(pipeline, plans[first])
@@ -212,6 +212,24 @@ def _raise(plan: ChunkPlan, check: ChunkCheck) -> None:
         chunk=plan.id, where=d.where, field=d.field,
         recorded=d.recorded, replayed=d.replayed,
     )
+
+
+def _replay_device(config) -> torch.device:
+    """The device the recorded ranks computed on (``reference_device``): bytes match only there.
+
+    Raises ``ReplayError`` when the run was recorded on a CUDA device this
+    machine does not have: a CPU re-run would differ in the last bits and be
+    reported as a mismatch that is not one.
+    """
+    from ppstage.distributed.devices import reference_device
+
+    device = reference_device(config)
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ReplayError(
+            f"the run was recorded on {device} (runtime.device = {config.runtime.device!r}, backend "
+            f"{config.topology.backend}); this machine has no such device, and a CPU re-run would not be bitwise"
+        )
+    return device
 
 
 def _start_at(pipeline, plan: ChunkPlan) -> None:

@@ -541,7 +541,7 @@ class StageLeader:
         other = self.role.stage % self.role.num_stages + 1  # another stage's mesh
         if other == self.role.stage:
             other = 0  # a single stage: rank 0's side, which no stage may join
-        MeshComm(self.role, self.relay.comm.groups, stage=other).all_reduce(torch.zeros(1))
+        MeshComm(self.role, self.relay.comm.groups, stage=other).all_reduce(torch.zeros(1, device=self.transport.device))
 
     async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self._worker.run(fn, *args)
