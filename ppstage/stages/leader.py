@@ -248,13 +248,30 @@ class StageLeader:
             (env.num_frames, env.height, env.width, tuple(tensors["denoising_step_list"].tolist()))
         )
         ordered = [tensors[s.name] for s in env.tensors]
-        if not self.last:
-            await self.transport.send(self.next_rank, env, ordered)
+        steps = [int(t) for t in tensors["denoising_step_list"].tolist()]
+        x_t = tensors["latents_in"]  # on the rank's device, like the model and the scheduler step
+        if self._fused:
+            forwarded = None
+            if not self.last:  # queued, not awaited: the mesh broadcast runs while it goes out
+                forwarded = asyncio.get_running_loop().create_future()
+                self.transport.enqueue(self.next_rank, env, ordered, forwarded)
+            await self._fused_chunk(env, tensors, ordered, steps, x_t, t0)
+            if forwarded is not None:
+                await forwarded  # long since out: raises ChannelDead as an awaited send would
+        else:
+            if not self.last:
+                await self.transport.send(self.next_rank, env, ordered)
+            await self._loop_chunk(env, tensors, ordered, steps, x_t, t0)
+        self.recorder.span("chunk", t0_ns, env)
+        if self.drills.fires("reset_cache_one_rank", env.chunk_index):
+            await self._work(out_of_band_reset, self.model)  # B6: the next chunk must report it
+
+    async def _loop_chunk(self, env: InferEnvelope, tensors: dict[str, torch.Tensor],
+                          ordered: list[torch.Tensor], steps: list[int], x_t: torch.Tensor, t0: float) -> None:
+        """A chunk with every hop through the loop (``runtime.fused_steps = false``)."""
         await self._timed("mesh collective", "mesh broadcast of the envelope", env, self._begin, env, ordered)
         if self.drills.fires("wrong_group_collective", env.chunk_index):
             await self._work(self._wrong_group_collective)  # B10: refused before it is issued
-        steps = [int(t) for t in tensors["denoising_step_list"].tolist()]
-        n = len(steps)
         if env.do_kv_recompute:
             if self.first:
                 x = tensors["context_frames_override"]
@@ -264,14 +281,7 @@ class StageLeader:
                                   self._call, env, "recompute", -1, RECOMPUTE_TIMESTEP, x)
             if not self.last:
                 await self.transport.send(self.next_rank, hop(env, call_kind="recompute", step=-1, target="hidden", tensor=y), [y])
-        x_t = tensors["latents_in"]  # on the rank's device, like the model and the scheduler step
-        if self._fused:
-            await self._fused_steps(env, steps, x_t, t0)
-        else:
-            await self._loop_steps(env, steps, x_t, t0)
-        self.recorder.span("chunk", t0_ns, env)
-        if self.drills.fires("reset_cache_one_rank", env.chunk_index):
-            await self._work(out_of_band_reset, self.model)  # B6: the next chunk must report it
+        await self._loop_steps(env, steps, x_t, t0)
 
     async def _loop_steps(self, env: InferEnvelope, steps: list[int], x_t: torch.Tensor, t0: float) -> None:
         """The denoise steps with every hop through the loop (``runtime.fused_steps = false``)."""
@@ -333,31 +343,33 @@ class StageLeader:
                     await self.transport.send(self.role.handback_dst, msg, [x_next])
 
     # -- the fused steps: hop in, call, hop out, all in the worker --------------
-    async def _fused_steps(self, env: InferEnvelope, steps: list[int], x_t: torch.Tensor, t0: float) -> None:
-        """Every denoise step of the chunk in ONE worker job: per step it takes the
-        input hop from the link's mailbox, runs the call and queues the output
+    async def _fused_chunk(self, env: InferEnvelope, tensors: dict[str, torch.Tensor],
+                           ordered: list[torch.Tensor], steps: list[int], x_t: torch.Tensor, t0: float) -> None:
+        """The whole chunk's model work in ONE worker job (``_chunk_job``): the mesh
+        broadcast of the envelope, the recompute call and every denoise step, each
+        step taking its input hop from the link's mailbox and queueing its output
         hop to the sender thread itself.
 
         No hop passes through the loop on its way through this stage, and the
-        loop is not woken per step (measured on 2 CPU cores: ~0.95 ms per hop
-        before, see docs/performance.md, "Fused steps"). The loop still owns
-        every deadline, the abort and the fatal link, by watching the job's
-        ``JobProgress``; the job's frames and checks are those of
-        ``_loop_steps``, in the same order on every link.
+        loop is not woken per step (measured on 2 CPU cores: ~0.8 ms per hop
+        with every hop through the loop, ~0.6 ms fused; docs/performance.md,
+        "Fused steps"). The loop still owns every deadline, the abort and the
+        fatal link, by watching the job's ``JobProgress``; the job's frames,
+        checks and drills are those of ``_loop_chunk``, in the same order on
+        every link.
         """
         limits = _StepLimits(
             call_s=self._deadlines["generator call"].deadline_s(cold=self._cold),
             mesh_s=self._deadlines["mesh collective"].deadline_s(cold=self._cold),
         )
-        source = self._step_source(0)
-        progress = JobProgress(*self._input_phase(env, 0, source, limits))
-        job = asyncio.ensure_future(self._work(self._steps_job, env, steps, x_t, limits, progress, t0))
+        progress = JobProgress("mesh collective", limits.mesh_s, "mesh broadcast of the envelope")
+        job = asyncio.ensure_future(
+            self._work(self._chunk_job, env, tensors, ordered, steps, x_t, limits, progress, t0)
+        )
         tick_s = min(limits.call_s, limits.mesh_s) / WATCH_TICKS_PER_DEADLINE
-        timings: list[tuple[float, float | None]] = await self._watch(job, progress, env, tick_s)
-        for call_s, end_s in timings:
-            self._deadlines["generator call"].observe(call_s, cold=self._cold)
-            if end_s is not None:
-                self._deadlines["mesh collective"].observe(end_s, cold=self._cold)
+        timings: list[tuple[str, float]] = await self._watch(job, progress, env, tick_s)
+        for phase, seconds in timings:
+            self._deadlines[phase].observe(seconds, cold=self._cold)
 
     def _step_source(self, i: int) -> tuple[Mailbox[Inbound], int | None, str] | None:
         """Where step ``i``'s input comes from: a mailbox, its source rank and hop target; None if local."""
@@ -367,31 +379,66 @@ class StageLeader:
             return None  # step 0: the envelope's latents; K == 1: our own re-noised latent
         return self.handback, self.role.handback_src, "latent"
 
-    def _input_phase(self, env: InferEnvelope, i: int, source, limits: "_StepLimits") -> tuple[str, float, str]:
-        """The phase step ``i`` starts in, with its limit, for ``JobProgress``."""
+    def _input_phase(self, env: InferEnvelope, kind: str, i: int, source, limits: "_StepLimits") -> tuple[str, float, str]:
+        """The phase the ``kind`` call of step ``i`` starts in, with its limit, for ``JobProgress``."""
         if source is None:
-            return "generator call", limits.call_s, f"generator call (denoise step {i})"
+            return "generator call", limits.call_s, f"generator call ({kind} step {i})"
         # The worker's own wait ends first and names the silent peer (``HOP_WAIT_GRACE_S``).
-        return "hop wait", self._wait_limit(env.id) + HOP_WAIT_GRACE_S, f"the denoise hop of step {i}"
+        return "hop wait", self._wait_limit(env.id) + HOP_WAIT_GRACE_S, f"the {kind} hop of step {i}"
 
-    def _steps_job(
+    def _take_hop(self, env: InferEnvelope, source, kind: str, step: int) -> Inbound:
+        """Worker thread: the next frame of ``source``'s mailbox, checked to be this hop."""
+        mailbox, src, target = source
+        wait_s = self._wait_limit(env.id)
+        item = mailbox.take(wait_s)
+        if item is None:
+            raise self._wait_expired(src, f"the {kind} hop of step {step}", wait_s, env.id)
+        check_hop(item, env, kind, step, target)
+        return item
+
+    def _chunk_job(
         self,
         env: InferEnvelope,
+        tensors: dict[str, torch.Tensor],
+        ordered: list[torch.Tensor],
         steps: list[int],
         x_t: torch.Tensor,
         limits: "_StepLimits",
         progress: JobProgress,
         t0: float,
-    ) -> list[tuple[float, float | None]]:
-        """Worker thread: the denoise steps of ``_fused_steps`` (``_loop_steps``'s body, drills included).
+    ) -> list[tuple[str, float]]:
+        """Worker thread: the chunk of ``_fused_chunk`` (``_loop_chunk``'s body, drills included).
 
-        Returns each step's ``(call_s, end_s)`` for the phase deadlines' history.
-        Raises what ``_loop_steps`` would: the frame's ``ProtocolError``,
-        ``UnexpectedMessage``, ``UpstreamFailed``, ``PhaseStalled`` /
+        Returns ``(phase, seconds)`` of every timed phase for the deadlines'
+        history. Raises what ``_loop_chunk`` would: the frame's
+        ``ProtocolError``, ``UnexpectedMessage``, ``UpstreamFailed``,
+        ``IllegalTransition`` and friends from the lifecycle, ``PhaseStalled`` /
         ``WatchdogExpired`` for a hop that does not come in time.
         """
+        timings: list[tuple[str, float]] = []
+        b0 = time.monotonic()
+        self._begin(env, ordered)
+        timings.append(("mesh collective", time.monotonic() - b0))
+        if self.drills.fires("wrong_group_collective", env.chunk_index):
+            self._wrong_group_collective()  # B10: refused before it is issued
+        if env.do_kv_recompute:
+            if self.first:
+                x = tensors["context_frames_override"]
+            else:
+                source = (self.upstream, self.role.prev_rank, "hidden")
+                progress.enter(*self._input_phase(env, "recompute", -1, source, limits))
+                x = self._take_hop(env, source, "recompute", -1).tensors["hidden"]
+            progress.enter("generator call", limits.call_s, "generator call (recompute)")
+            c0 = time.monotonic()
+            y = self._call(env, "recompute", -1, RECOMPUTE_TIMESTEP, x)
+            timings.append(("generator call", time.monotonic() - c0))
+            if not self.last:
+                progress.enter("output", None, "the output of the recompute call")
+                if self._ending.is_set():
+                    raise MailboxInterrupted("the stage is ending")
+                msg = hop(env, call_kind="recompute", step=-1, target="hidden", tensor=y)
+                self.transport.enqueue(self.next_rank, msg, [y])
         n = len(steps)
-        timings: list[tuple[float, float | None]] = []
         upstream_reports: tuple[StageReport, ...] = ()
         # The last stage's re-noise of each step depends only on the plan: drawn now,
         # while the first hop is still on its way, not between a call and its hop.
@@ -399,17 +446,12 @@ class StageLeader:
         for i in range(n):
             final = i == n - 1
             source = self._step_source(i)
-            progress.enter(*self._input_phase(env, i, source, limits))
+            progress.enter(*self._input_phase(env, "denoise", i, source, limits))
             if source is None:
                 x = x_t
             else:
-                mailbox, src, target = source
-                wait_s = self._wait_limit(env.id)
-                item = mailbox.take(wait_s)
-                if item is None:
-                    raise self._wait_expired(src, f"the denoise hop of step {i}", wait_s, env.id)
-                check_hop(item, env, "denoise", i, target)
-                x = item.tensors["hidden" if target == "hidden" else "latents"]
+                item = self._take_hop(env, source, "denoise", i)
+                x = item.tensors["hidden" if source[2] == "hidden" else "latents"]
                 if not self.first:
                     upstream_reports = item.msg.stages
             progress.enter("generator call", limits.call_s, f"generator call (denoise step {i})")
@@ -442,7 +484,9 @@ class StageLeader:
                         duration_s=time.perf_counter() - t0,
                     ),
                 )
-            timings.append((call_s, end_s))
+            timings.append(("generator call", call_s))
+            if end_s is not None:
+                timings.append(("mesh collective", end_s))
             # Queueing the output cannot hang (preflight, then a queue put); the
             # only wait here is a B8 drill's deliberate delay, which no deadline covers.
             progress.enter("output", None, f"the output of denoise step {i}")
