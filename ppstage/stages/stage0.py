@@ -3,60 +3,49 @@
 planner -> envelope -> in-flight credit (``D_in``) -> send; receive -> epoch
 gate -> decode queue (``D_out``) -> decode in a worker thread -> output sink.
 
-This module is phase A (the producer) and the run's orchestration: its tasks,
-keepalives, the watchdog tick, the drain and the shutdown. Phase C lives in
-two objects the actor owns: ``ResultReceipt`` (``receipt.py``: receive, epoch
-gate, checks against the shadow lifecycle) and ``DecodePath``
+The actor wires three parts it owns and runs each as a task on the loop that
+owns the transport: ``ChunkProducer`` (``producer.py``: phase A, plan, build,
+send, keepalives), ``ResultReceipt`` (``receipt.py``: receive, epoch gate,
+checks against rank 0's shadow ``CacheLifecycle``) and ``DecodePath``
 (``decode_path.py``: decode queue, decode worker, output sink, anchor-first).
-
-Overlap: the producer sends the envelope of chunk k+1 as soon as credit and
-the plan's inputs allow, independently of chunk k's decode; only an R0a
-steady-state recompute waits, and only for the one decoded anchor it needs.
-A hard cut moves the gate's epoch when its plan is registered (before its
-envelope is sent); what happens to old-epoch results is phase C's (see
-``receipt.py`` and ``decode_path.py``). A re-base changes no epoch: it is only
-logged.
+This module keeps what spans them: the watchdog tick over an owed result and
+a running decode or sink, the drain, ``SHUTDOWN`` or ``ERROR`` down the chain,
+the per-chunk outcome lines and the run's summary.
 
 The event loop only orchestrates (plan, gate, credit, log, hand-offs). Model
-work and bulk bytes run in three worker threads: *build* (text encoder, the
-R0a anchor's VAE encode, tensor digests of the envelope; owned here),
-*decode* (VAE decode and the output sink; ``DecodePath``) and *check* (the
-result's output digest, latents files; ``ResultReceipt``). All three share
-one progress signal (``_progress``, owned here): whoever changes what another
-waits on sets it.
+work and bulk bytes run in three worker threads, one per part: *build* (text
+encoder, the R0a anchor's VAE encode, tensor digests of the envelope),
+*decode* (VAE decode and the output sink) and *check* (the result's output
+digest, latents files). The parts share one progress signal (``_progress``,
+owned here): whoever changes what another waits on sets it; the epoch gate is
+written only by the receipt, the others read it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import structlog
 
-from protocol import ErrorEnvelope, NoopEnvelope, ProtocolError, ShutdownEnvelope
+from protocol import ErrorEnvelope, ProtocolError, ShutdownEnvelope
 
 from ppstage.config import PPStageConfig
 from ppstage.errors import PPStageError, WatchdogExpired
 from ppstage.faults.drills import RankDrills
-from ppstage.faults.inject import exit_if_drilled, rank0_envelope_drill
 from ppstage.core.gate import EpochGate
-from ppstage.observability.logs import ids_of
-from ppstage.core.plan import ChunkPlan
 from ppstage.core.planner import Intent, Planner
 from ppstage.model.reference import StreamScript
 from ppstage.model.stream_inputs import StreamInputs
 from ppstage.distributed.topology import Role
 from ppstage.distributed.transport import Transport
-from ppstage.stages.envelopes import infer_envelope
 from ppstage.observability.metrics import ChunkEvents, ChunkLedger, RunSummary, summarize
 from ppstage.stages.outcomes import OutcomeLog
-from ppstage.stages.deadlines import WarmupTracker
 from ppstage.stages.decode_path import DecodePath, Sink
+from ppstage.stages.producer import ChunkProducer
 from ppstage.stages.receipt import INLINE_DIGEST_BYTES, ResultReceipt
 
 log = structlog.get_logger("ppstage.stage0")
@@ -97,10 +86,7 @@ class Stage0Actor:
         self.config = config
         self.role = role
         self.transport = transport
-        self.script = script
-        self.chunks = chunks
         self.fatal = fatal
-        self.pause_before = pause_before or {}
         self.drills = RankDrills(config.faults, role.rank)
         self.recorder = transport.recorder
         self.planner = Planner(config)
@@ -112,26 +98,29 @@ class Stage0Actor:
         self.leader1 = role.leader_of(1)
         self._log = log.bind(rank=0, stage=0)
         self._progress = asyncio.Event()
-        # The gate belongs to the receipt (the only writer); the producer and the
-        # decode path read it. The actor hands results from one to the other.
+        # Written only by the receipt (expect, admit); the producer and the decode path read it.
         gate = EpochGate()
         self._decode_path = DecodePath(
             config, gate=gate, stream=self.stream, ledger=self.ledger, recorder=self.recorder,
             drills=self.drills, log=self._log, wake=self._progress.set, wait=self._wait,
-            producer_settled=self._producer_settled, sink=sink, progress=progress,
+            producer_settled=lambda: self._producer.settled(), sink=sink, progress=progress,
         )
         self._receipt = ResultReceipt(
             config, role, transport, gate=gate, stream=self.stream, ledger=self.ledger,
             decode=self._decode_path, log=self._log, wake=self._progress.set, latents_dir=latents_dir,
         )
+        self._producer = ChunkProducer(
+            config, transport, self.leader1, planner=self.planner, script=script, chunks=chunks,
+            pause_before=pause_before or {}, stream=self.stream, ledger=self.ledger, drills=self.drills,
+            receipt=self._receipt, decode=self._decode_path, log=self._log, wake=self._progress.set,
+            wait=self._wait, stopping=lambda: self._stopping, idle=self._idle,
+        )
         self.gate = gate
-        self._warmup = WarmupTracker()
-        self._builder = ThreadPoolExecutor(1, thread_name_prefix="stage0-build")
-        self._pending: ChunkPlan | None = None  # planned, not sent yet
         self._stopping = False
-        self._plan_pending = False
-        self._last_send = time.monotonic()
-        self.max_in_flight = 0
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._producer.max_in_flight
 
     @property
     def max_decode_queue(self) -> int:
@@ -197,10 +186,10 @@ class Stage0Actor:
         tasks = [
             asyncio.ensure_future(self._receipt.run()),
             asyncio.ensure_future(self._decode_path.run()),
-            asyncio.ensure_future(self._keepalive()),
+            asyncio.ensure_future(self._producer.keepalive()),
             asyncio.ensure_future(self._watch_phases()),
         ]
-        producer = asyncio.ensure_future(self._produce())
+        producer = asyncio.ensure_future(self._producer.run())
         try:
             await self._until(producer, tasks)
             await self._drain(tasks)
@@ -222,7 +211,7 @@ class Stage0Actor:
             for t in [producer, *tasks]:
                 t.cancel()
             self._decode_path.shutdown()
-            self._builder.shutdown(wait=False, cancel_futures=True)
+            self._producer.shutdown()
             self._receipt.shutdown()
         loop_cpu_s = time.thread_time() - cpu_start
         for ev in self.ledger.unfinished():  # a failed run: the stream names what was lost
@@ -251,71 +240,10 @@ class Stage0Actor:
                 raise d.result() if d is self.fatal else d.exception()  # type: ignore[misc]
         main.result()
 
-    # -- phase A: plan, build, send ------------------------------------------------
-    async def _produce(self) -> None:
-        d_in = self.config.runtime.d_in
-        loop = asyncio.get_running_loop()
-        # chunks=None: a service's stream, planned until SIGTERM / shutdown.
-        for k in itertools.count() if self.chunks is None else range(self.chunks):
-            if self._stopping:
-                break
-            if k in self.pause_before:  # an idle stream: only keepalives flow
-                await asyncio.sleep(self.pause_before[k])
-            for intent in self.script.intents_at(k):
-                self.submit(intent)
-            await self._wait(lambda: self.gate.in_flight() < d_in or self._stopping)
-            if self.config.runtime.sequential_schedule:  # the benchmarks' no-overlap baseline
-                await self._wait(lambda: self._idle() or self._stopping)
-            if self._stopping:
-                break
-            self._plan_pending = True
-            plan = self.planner.next_chunk()
-            self._pending = plan
-            if self._warmup.enter((plan.denoising_step_list, plan.num_frames)):
-                self._receipt.mark_cold(plan.chunk_index)
-                self._decode_path.mark_cold(plan.chunk_index)
-            if plan.init_cache and k > 0:
-                self._log.info("hard cut", forced=plan.forced_cut, **ids_of(plan))
-            elif plan.rebased:
-                self._log.info("re-base", position_offset=plan.position_offset, **ids_of(plan))
-            await self._wait(lambda: self._inputs_ready(plan))
-            exit_if_drilled(self.drills, plan.chunk_index, 0)
-            ev = self.ledger.open(plan.chunk_index, plan.call_id, plan.cache_epoch)
-            ev.build_start = time.perf_counter()
-            build_ns = time.monotonic_ns()
-            env, tensors = await loop.run_in_executor(self._builder, self._build, plan)
-            rewrite = None
-            if self.drills:
-                env, tensors, rewrite = rank0_envelope_drill(self.drills, env, tensors)
-            ev.build_end = time.perf_counter()
-            self.recorder.span("build", build_ns, plan)
-            self._receipt.expect(plan)
-            await self.transport.send(self.leader1, env, tensors, drill_frame=rewrite)
-            ev.sent = time.perf_counter()
-            self._last_send = time.monotonic()
-            self._plan_pending = False
-            self._pending = None
-            self._progress.set()  # an anchor-first decode may go on with the rest
-            self.max_in_flight = max(self.max_in_flight, self.gate.in_flight())
-            self._log.debug("envelope sent", dst=self.leader1, **ids_of(plan))
-
-    def _build(self, plan: ChunkPlan):
-        """Phase A's model work (build worker): inputs, then the envelope with its digests."""
-        return infer_envelope(plan, self.stream.chunk_inputs(plan))
-
+    # -- idleness and the watchdog tick ----------------------------------------------
     def _idle(self) -> bool:
         return not self.gate.in_flight() and self._decode_path.idle()
 
-    def _inputs_ready(self, plan: ChunkPlan) -> bool:
-        # A plan of a new epoch needs nothing from the old one; otherwise the
-        # stream must hold the latents (and, R0a, the decoded anchor) it needs.
-        return plan.cache_epoch > self.stream.cache_epoch or self.stream.anchor_ready(plan)
-
-    def _producer_settled(self) -> bool:
-        """Nothing the producer could send now: an anchor-first decode may go on with the rest."""
-        return self._pending is None or not self._inputs_ready(self._pending)
-
-    # -- phase C: the watchdog tick over the receipt and the decode path ----------------
     async def _watch_phases(self) -> None:
         """Fail, naming rank 0's phase and chunk, when a decode or sink exceeds its deadline,
         or naming the last stage when a result is owed for too long."""
@@ -334,18 +262,6 @@ class Stage0Actor:
         self._stream.write(line)  # written and flushed in the log's own thread, in order
 
     # -- liveness and shutdown ---------------------------------------------------
-    async def _keepalive(self) -> None:
-        interval = self.config.runtime.keepalive_interval_s
-        while True:
-            await asyncio.sleep(interval / 4)
-            if self._plan_pending or time.monotonic() - self._last_send < interval:
-                continue
-            if self.drills.has("no_keepalives"):
-                continue  # the control case of the keepalive test: the stages' watchdogs must fire
-            chunk = self.planner.control_ids()
-            await self.transport.send(self.leader1, NoopEnvelope(**chunk.fields()), [])
-            self._last_send = time.monotonic()
-
     async def _drain(self, tasks: list[asyncio.Future]) -> None:
         budget = self.config.runtime.drain_deadline_s
         waiter = asyncio.ensure_future(self._wait(self._idle))
