@@ -137,8 +137,12 @@ class StreamInputs:
         with self._lock:
             if not self._enter_epoch(plan):
                 return  # an epoch a forced cut ended: emitted, never a context frame
-            for i in range(latents_out.shape[0]):
-                self._latents[plan.current_start_frame + i] = latents_out[i].detach().clone()
+            # One copy of the chunk (the caller's tensor may be a reused receive
+            # buffer), then a view per frame: a torch clone per frame cost ~5 us each
+            # of rank 0's loop.
+            kept = latents_out.detach().clone()
+            for i in range(kept.shape[0]):
+                self._latents[plan.current_start_frame + i] = kept[i]
             oldest = plan.end_frame - self._keep_latents
             for f in [f for f in self._latents if 0 < f < oldest]:  # frame 0 anchors the early regime
                 del self._latents[f]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable
 
 import torch
@@ -39,6 +38,7 @@ from ppstage.model.stream_inputs import StaleInputs, StreamInputs
 from ppstage.observability.metrics import ChunkEvents, ChunkLedger
 from ppstage.observability.recorder import MessageRecorder
 from ppstage.stages.deadlines import PhaseDeadline, Running
+from ppstage.stages.worker import StageWorker
 
 Sink = Callable[[ChunkPlan, torch.Tensor], None]
 
@@ -90,7 +90,7 @@ class DecodePath:
         self._cold: set[int] = set()  # chunk indices planned cold, until their decode and sink are done
         self._running: Running | None = None  # rank 0's decode or sink in progress
         self._queue: asyncio.Queue[tuple[ChunkPlan, torch.Tensor]] = asyncio.Queue(maxsize=rt.d_out)
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="stage0-decode")
+        self._decoder = StageWorker("stage0-decode")  # one thread, one hand-off per job (see producer.py)
         self._anchor_first = rt.anchor_first_decode and config.recompute.mode == "r0a"
         self._decoding = False
         self.max_queue = 0
@@ -131,7 +131,7 @@ class DecodePath:
             )
 
     def shutdown(self) -> None:
-        self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._decoder.shutdown(cancel_pending=True)
 
     async def run(self) -> None:
         """The decode task: take each queued result in order, decode, sink and emit it."""
@@ -220,7 +220,7 @@ class DecodePath:
         t0 = time.monotonic()
         self._running = Running(name, plan.chunk_index, t0, deadline.deadline_s(cold=cold))
         try:
-            out = await asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args)
+            out = await self._decoder.run(fn, *args)
         finally:
             self._running = None
         deadline.observe(time.monotonic() - t0, cold=cold)

@@ -38,8 +38,18 @@ class StageWorker:
         self._jobs.put((fn, args, future, loop))
         return await future
 
-    def shutdown(self) -> None:
-        """Let the thread end after the jobs already queued (it is a daemon: exit ends it too)."""
+    def shutdown(self, *, cancel_pending: bool = False) -> None:
+        """Let the thread end after the jobs already queued (it is a daemon: exit ends it too).
+
+        ``cancel_pending``: drop the jobs not started yet (their awaiting tasks
+        are being cancelled), as ``ThreadPoolExecutor.shutdown(cancel_futures=True)``.
+        """
+        if cancel_pending:
+            while True:
+                try:
+                    self._jobs.get_nowait()
+                except queue.Empty:
+                    break
         self._jobs.put(None)
 
     def _serve(self) -> None:
