@@ -200,3 +200,26 @@ def test_a_demo_timeout_says_so_and_shows_every_ranks_log(tmp_path):
     assert "timed out after 2 s" in proc.stderr
     for rank in range(3):
         assert f"--- rank {rank} (killed at the timeout) last log lines ---" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "toml, words",
+    [('[topology]\nbackend = "nccl"\n', "backend nccl needs CUDA"), ('[runtime]\ndevice = "cuda"\n', "needs CUDA")],
+    ids=["nccl", "device-cuda"],
+)
+def test_asking_for_cuda_where_torch_has_none_is_refused_before_any_rank_starts(tmp_path, toml, words):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text(toml)
+    assert_one_line_error(ppstage(["demo", "--config", str(cfg), "--chunks", "2"], tmp_path), "demo", 2, words)
+
+
+@pytest.mark.parametrize("bench, flags, words", [
+    ("pipeline", ["--chunks", "4"], "--chunks must be >= 6"),
+    ("overlap", ["--chunks", "4"], "at least 8 chunks"),
+])
+def test_a_bench_refusing_its_sizes_ends_with_one_line_and_status_2(tmp_path, bench, flags, words):
+    assert_one_line_error(ppstage(["bench", bench, *flags], tmp_path), "bench", 2, words)

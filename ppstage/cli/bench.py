@@ -45,10 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="overlap: stage-0 decode cost per chunk")
     g.add_argument("--simulate-call-ms", type=non_negative_float, default=None,
                    help="overlap: generator cost per chunk spread over its calls (default: matched to decode)")
-    g.add_argument("--modes", nargs="+", choices=("r1", "r0a", "r0"), default=None, help="overlap: modes (default all)")
+    g.add_argument("--modes", nargs="+", choices=("r1", "r0a", "r0"), default=None, help="overlap: modes (default r1 r0a; all with --full)")
     g.add_argument("--depths", type=positive_int, nargs="+", default=None, help="overlap: D_in = D_out values (default 2)")
     g.add_argument("--cases", nargs="+", choices=("stage0", "generator", "balanced"), default=None,
-                   help="overlap: which stage is the bottleneck (default all three)")
+                   help="overlap: which stage is the bottleneck (default balanced; all three with --full)")
     g.add_argument("--full", action="store_true", help="overlap: the whole sweep (every mode, case and D in 1 2 3)")
     g.add_argument("--png", default=None, help="overlap: write a PNG of the period per case (needs matplotlib)")
     g.add_argument("--timeout", type=positive_float, default=300.0, help="give up on one pipeline run after this")
@@ -58,6 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ppstage.config import ConfigError
+
+    try:
+        return _run(args)
+    except ValueError as exc:  # a bench refusing its sizes (too few chunks, ...): a user error
+        raise ConfigError(f"{args.target}: {exc}") from exc
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.target == "protocol":
         return _protocol(args)
     if args.target == "record":
