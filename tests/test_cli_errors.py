@@ -223,3 +223,9 @@ def test_asking_for_cuda_where_torch_has_none_is_refused_before_any_rank_starts(
 ])
 def test_a_bench_refusing_its_sizes_ends_with_one_line_and_status_2(tmp_path, bench, flags, words):
     assert_one_line_error(ppstage(["bench", bench, *flags], tmp_path), "bench", 2, words)
+
+
+@pytest.mark.parametrize("command", ["demo", "plan", "reference"])
+def test_an_event_after_the_last_chunk_is_refused_not_silently_dropped(tmp_path, command):
+    proc = ppstage([command, "--chunks", "4", "--cut-at", "9"], tmp_path)
+    assert_one_line_error(proc, command, 2, "--cut-at 9: beyond the run's 4 chunk(s)")

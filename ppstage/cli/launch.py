@@ -45,11 +45,20 @@ def script_from_args(args: argparse.Namespace):
 
         return msgspec.json.decode(Path(args.script).read_bytes(), type=StreamScript)
 
-    return StreamScript(
+    script = StreamScript(
         prompt=args.prompt or DEFAULT_PROMPT,
         cut_at=tuple(args.cut_at),
         prompt_at=parse_prompt_at(args.prompt_at),
     )
+    chunks = getattr(args, "chunks", None)
+    if chunks is not None:  # a bounded run: an event after its last chunk would silently never happen
+        from ppstage.config import ConfigError
+
+        late = [f"--cut-at {k}" for k in script.cut_at if k >= chunks]
+        late += [f"--prompt-at {k}:..." for k in sorted(script.prompt_at) if k >= chunks]
+        if late:
+            raise ConfigError(f"{', '.join(late)}: beyond the run's {chunks} chunk(s) (chunk indices 0..{chunks - 1})")
+    return script
 
 
 def _pauses(values: list[str]) -> dict[int, float]:

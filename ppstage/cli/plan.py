@@ -34,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from ppstage.model.loader import load_backend
 
     load_backend(cfg)  # no model runs here, but a config naming an unknown backend is still refused
+    from ppstage.cli.launch import script_from_args
+
+    script_from_args(args)  # refuses a --cut-at / --prompt-at beyond the last chunk
     prompts = parse_prompt_at(args.prompt_at)
     planner = Planner(cfg)
     planner.submit(StreamStart(args.prompt))

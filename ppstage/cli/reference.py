@@ -21,14 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def script_from_args(args: argparse.Namespace):  # -> StreamScript
-    from ppstage.model.reference import DEFAULT_PROMPT, StreamScript
-    from ppstage.cli.plan import parse_prompt_at
+    """The stream's events from the flags (one definition: ``ppstage.cli.launch``'s)."""
+    from ppstage.cli.launch import script_from_args as from_flags
 
-    return StreamScript(
-        prompt=args.prompt or DEFAULT_PROMPT,
-        cut_at=tuple(args.cut_at),
-        prompt_at=parse_prompt_at(args.prompt_at),
-    )
+    return from_flags(args)
 
 
 def run(args: argparse.Namespace) -> int:
