@@ -311,17 +311,7 @@ class StageLeader:
             if final:
                 state = await self._timed("mesh collective", "end of chunk (mesh digest check)", env,
                                           self._end, env, y)
-                report = (
-                    StageReport(
-                        stage=self.role.stage,
-                        current_start_frame=state.current_start_frame,
-                        global_end_index=state.global_end_index,
-                        local_end_index=state.local_end_index,
-                        state_digest=self.model.state_digest(),
-                        observed_generator_calls=state.calls_made,
-                        duration_s=time.perf_counter() - t0,
-                    ),
-                )
+                report = (self._report(state, t0),)
             if not self.last:
                 msg = hop(env, call_kind="denoise", step=i, target="hidden", tensor=y,
                           stages=upstream_reports + report)
@@ -473,17 +463,7 @@ class StageLeader:
                 e0 = time.monotonic()
                 state = self._end(env, y)
                 end_s = time.monotonic() - e0
-                report = (
-                    StageReport(
-                        stage=self.role.stage,
-                        current_start_frame=state.current_start_frame,
-                        global_end_index=state.global_end_index,
-                        local_end_index=state.local_end_index,
-                        state_digest=self.model.state_digest(),
-                        observed_generator_calls=state.calls_made,
-                        duration_s=time.perf_counter() - t0,
-                    ),
-                )
+                report = (self._report(state, t0),)
             timings.append(("generator call", call_s))
             if end_s is not None:
                 timings.append(("mesh collective", end_s))
@@ -512,6 +492,18 @@ class StageLeader:
                 msg = hop(env, call_kind="denoise", step=i + 1, target="latent", tensor=x_next)
                 self.transport.enqueue(self.role.handback_dst, msg, [x_next])
         return timings
+
+    def _report(self, state, t0: float) -> StageReport:
+        """This stage's report of the chunk that began at ``t0`` (``perf_counter``), from its end state."""
+        return StageReport(
+            stage=self.role.stage,
+            current_start_frame=state.current_start_frame,
+            global_end_index=state.global_end_index,
+            local_end_index=state.local_end_index,
+            state_digest=self.model.state_digest(),
+            observed_generator_calls=state.calls_made,
+            duration_s=time.perf_counter() - t0,
+        )
 
     async def _watch(self, job: asyncio.Future, progress: JobProgress, env: InferEnvelope, tick_s: float) -> Any:
         """Await a fused job under the deadline of whichever phase it is in (read from ``progress``).
