@@ -301,6 +301,16 @@ def test_b16_a_cold_first_chunk_is_no_false_alarm_and_the_same_stall_at_a_steady
     assert 1 <= r.emitted_match_reference() <= 3
 
 
+@pytest.mark.timeout(90)
+def test_b16_a_slow_cold_decode_that_backs_up_the_results_is_no_result_alarm(tmp_path):
+    # 7 s of cold decode: within the 12 s warm-up deadline, past the 4 s result deadline.
+    # The decode queue fills and results wait unread on rank 0's link: the pipeline is
+    # not late, so rank 0 must not blame the last stage (a regression caught in review).
+    r = run(tmp_path, config(drill("stall_decode", 0, 0, ms=7000)), chunks=6)
+    assert r.codes == [0, 0, 0], (r.error, r.tails())
+    assert r.emitted_match_reference() == 6
+
+
 def test_b16_a_step_list_change_makes_the_next_chunk_cold_again():
     # Chunk 0 is cold, and so is the first chunk with a new step list (the pure
     # tracker and deadline; the pipeline path is above).

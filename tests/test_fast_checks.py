@@ -61,3 +61,11 @@ def test_a_valid_spec_seen_with_another_name_is_still_checked_by_name_free_rules
     check_tensor_spec(ok)
     with pytest.raises(TensorSpecError, match="bytes declared"):
         check_tensor_spec(replace(ok, nbytes=ok.nbytes + 1))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_shortcut_passes_a_valid_envelope_so_it_is_really_taken(recompute):
+    # The property above alone would hold for a shortcut that always says no.
+    msg = infer_envelope(recompute=recompute)
+    _validate_in_full(msg, GEOMETRY)
+    assert _infer_passes(msg, GEOMETRY)

@@ -101,3 +101,25 @@ def test_put_with_nobody_waiting_wakes_nobody():
     box: Mailbox[int] = Mailbox(loop)
     loop.close()  # a put that needed the loop would now fail
     assert box.put(1) is True and box.take(0.0) == 1
+
+
+def test_a_worker_shut_down_with_cancel_pending_cancels_the_jobs_it_drops_and_never_runs_them():
+    from ppstage.stages.worker import StageWorker
+
+    ran: list[str] = []
+
+    async def main():
+        worker = StageWorker("test-worker")
+        gate = threading.Event()
+        blocker = asyncio.ensure_future(worker.run(gate.wait, 10.0))  # occupies the thread
+        await asyncio.sleep(0.05)
+        dropped = asyncio.ensure_future(worker.run(ran.append, "dropped"))
+        await asyncio.sleep(0.05)
+        worker.shutdown(cancel_pending=True)
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(dropped, 10)  # woken, not left waiting forever
+        await asyncio.wait_for(blocker, 10)
+
+    asyncio.run(main())
+    assert ran == []

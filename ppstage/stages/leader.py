@@ -101,6 +101,12 @@ class _StepLimits(NamedTuple):
     mesh_s: float  # the end of chunk's mesh digest check
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    """Mark an abandoned future's exception as seen (asyncio would log it at exit)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def check_hop(item: Inbound, env: InferEnvelope, kind: str, step: int, target: str) -> None:
     """Raise unless ``item`` is the ``kind`` ``target`` hop of step ``step`` of ``env``'s call.
 
@@ -173,6 +179,7 @@ class StageLeader:
         self._fused = config.runtime.fused_steps
         # Set with the abort or a fatal link: a fused step still running queues nothing more.
         self._ending = threading.Event()
+        self._output_gate = threading.Lock()  # ``_queue_output`` vs ``_interrupt``
 
     # -- lifecycle of the actor --------------------------------------------
     def abort(self, msg: ErrorEnvelope) -> None:
@@ -254,6 +261,7 @@ class StageLeader:
             forwarded = None
             if not self.last:  # queued, not awaited: the mesh broadcast runs while it goes out
                 forwarded = asyncio.get_running_loop().create_future()
+                forwarded.add_done_callback(_retrieved)
                 self.transport.enqueue(self.next_rank, env, ordered, forwarded)
             await self._fused_chunk(env, tensors, ordered, steps, x_t, t0)
             if forwarded is not None:
@@ -356,6 +364,7 @@ class StageLeader:
         job = asyncio.ensure_future(
             self._work(self._chunk_job, env, tensors, ordered, steps, x_t, limits, progress, t0)
         )
+        job.add_done_callback(_retrieved)  # a job abandoned by an abort: its error is not news
         tick_s = min(limits.call_s, limits.mesh_s) / WATCH_TICKS_PER_DEADLINE
         timings: list[tuple[str, float]] = await self._watch(job, progress, env, tick_s)
         for phase, seconds in timings:
@@ -369,12 +378,12 @@ class StageLeader:
             return None  # step 0: the envelope's latents; K == 1: our own re-noised latent
         return self.handback, self.role.handback_src, "latent"
 
-    def _input_phase(self, env: InferEnvelope, kind: str, i: int, source, limits: "_StepLimits") -> tuple[str, float, str]:
+    def _input_phase(self, env: InferEnvelope, kind: str, i: int, source, limits: "_StepLimits") -> tuple:
         """The phase the ``kind`` call of step ``i`` starts in, with its limit, for ``JobProgress``."""
         if source is None:
             return "generator call", limits.call_s, f"generator call ({kind} step {i})"
         # The worker's own wait ends first and names the silent peer (``HOP_WAIT_GRACE_S``).
-        return "hop wait", self._wait_limit(env.id) + HOP_WAIT_GRACE_S, f"the {kind} hop of step {i}"
+        return "hop wait", self._wait_limit(env.id) + HOP_WAIT_GRACE_S, f"the {kind} hop of step {i}", source[1]
 
     def _take_hop(self, env: InferEnvelope, source, kind: str, step: int) -> Inbound:
         """Worker thread: the next frame of ``source``'s mailbox, checked to be this hop."""
@@ -424,10 +433,8 @@ class StageLeader:
             timings.append(("generator call", time.monotonic() - c0))
             if not self.last:
                 progress.enter("output", None, "the output of the recompute call")
-                if self._ending.is_set():
-                    raise MailboxInterrupted("the stage is ending")
                 msg = hop(env, call_kind="recompute", step=-1, target="hidden", tensor=y)
-                self.transport.enqueue(self.next_rank, msg, [y])
+                self._queue_output(self.next_rank, msg, [y])
         n = len(steps)
         upstream_reports: tuple[StageReport, ...] = ()
         # The last stage's re-noise of each step depends only on the plan: drawn now,
@@ -470,13 +477,10 @@ class StageLeader:
             # Queueing the output cannot hang (preflight, then a queue put); the
             # only wait here is a B8 drill's deliberate delay, which no deadline covers.
             progress.enter("output", None, f"the output of denoise step {i}")
-            if self._ending.is_set():  # aborted meanwhile: the loop relays the error, nothing more goes out
-                raise MailboxInterrupted("the stage is ending")
-            # No future per frame: a send that fails reaches the loop as the fatal link.
             if not self.last:
                 msg = hop(env, call_kind="denoise", step=i, target="hidden", tensor=y,
                           stages=upstream_reports + report)
-                self.transport.enqueue(self.next_rank, msg, [y])
+                self._queue_output(self.next_rank, msg, [y])
                 continue
             x0, x_next = denoise_step(self.scheduler, env, steps, i, x_t, y, noise=noises[i] if not final else None)
             if final:
@@ -484,14 +488,27 @@ class StageLeader:
                 delay = self.drills.fires("delay_result", env.chunk_index)
                 if delay is not None:  # B8: a late result (rank 0 may cut meanwhile)
                     time.sleep(delay.seconds)
-                self.transport.enqueue(0, result, [x0])
+                self._queue_output(0, result, [x0])
                 continue
             assert x_next is not None
             x_t = x_next
             if self.role.handback_dst is not None:
                 msg = hop(env, call_kind="denoise", step=i + 1, target="latent", tensor=x_next)
-                self.transport.enqueue(self.role.handback_dst, msg, [x_next])
+                self._queue_output(self.role.handback_dst, msg, [x_next])
         return timings
+
+    def _queue_output(self, dst: int, msg, tensors: list[torch.Tensor]) -> None:
+        """Worker thread: queue a fused job's output frame, unless the stage is ending.
+
+        Checked and queued under ``_output_gate``, which ``_interrupt`` takes to
+        set ``_ending``: once the loop has interrupted the job (to relay an
+        ERROR), no frame of the job can follow that ERROR on any link. No
+        future per frame: a send that fails reaches the loop as the fatal link.
+        """
+        with self._output_gate:
+            if self._ending.is_set():
+                raise MailboxInterrupted("the stage is ending: the output is not sent")
+            self.transport.enqueue(dst, msg, tensors)
 
     def _report(self, state, t0: float) -> StageReport:
         """This stage's report of the chunk that began at ``t0`` (``perf_counter``), from its end state."""
@@ -510,21 +527,25 @@ class StageLeader:
 
         The worker does not wake the loop when it enters a phase (that is the
         point), so the loop looks at ``progress`` at least every ``tick_s``
-        seconds (a quarter of the shortest phase deadline: a stall is named at
-        most 25 % late) and at the current phase's own deadline; a chunk that
-        ends sooner costs no wake-up at all. Expiry raises ``PhaseStalled``
-        naming this rank, the phase and the chunk, as ``_timed`` does.
+        seconds (a quarter of the shortest phase deadline: a new phase is seen
+        at most that late, and its deadline is then waited for exactly) and at
+        the current phase's own deadline; a chunk that ends sooner costs no
+        wake-up at all. Expiry raises ``PhaseStalled`` naming this rank, the
+        phase and the chunk, as ``_timed`` does.
         """
         while True:
             seen = progress.current
-            phase, since, limit, what = seen
+            phase, since, limit, what, peer = seen
             left = None if limit is None else since + limit - time.monotonic()
             timeout = tick_s if left is None else max(min(left, tick_s), 0.0)
             done, _ = await asyncio.wait(
                 {job, self.fatal, self._aborted}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
             if job in done:
-                return job.result()
+                causes = {f for f in (self._aborted, self.fatal) if f.done()}
+                if not isinstance(job.exception(), MailboxInterrupted) or not causes:
+                    return job.result()
+                done = done | causes  # interrupted: the abort or the failed link that did it is the news
             if not (self._aborted in done or self.fatal in done) and (
                 progress.current is not seen or left is None or left > tick_s
             ):
@@ -535,7 +556,7 @@ class StageLeader:
             if self.fatal in done:
                 raise self.fatal.result()
             if phase == "hop wait":  # the worker's own wait normally ends first (grace)
-                raise self._wait_expired(None, what, limit - HOP_WAIT_GRACE_S, env.id)
+                raise self._wait_expired(peer, what, limit - HOP_WAIT_GRACE_S, env.id)
             raise PhaseStalled(
                 f"rank {self.role.rank} (stage {self.role.stage}) {what} of chunk {env.chunk_index} "
                 f"exceeded {limit:.1f} s",
@@ -544,7 +565,8 @@ class StageLeader:
 
     def _interrupt(self) -> None:
         """The stage is ending: a fused job blocked on a mailbox returns, none queues more."""
-        self._ending.set()
+        with self._output_gate:  # held by a worker only for one preflight and queue put
+            self._ending.set()
         for mailbox in (self.upstream, self.handback):
             if mailbox is not None:
                 mailbox.interrupt()

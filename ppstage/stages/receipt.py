@@ -89,6 +89,7 @@ class ResultReceipt:
         self._checker = ThreadPoolExecutor(1, thread_name_prefix="stage0-check")
         self._last_result_t: float | None = None
         self._owed_since = time.monotonic()
+        self._awaiting = False  # True only while ``_next_result`` waits on the result link
 
     def mark_cold(self, chunk_index: int) -> None:
         """The chunk was planned cold: while its result is owed, the warm-up deadline holds."""
@@ -173,14 +174,23 @@ class ResultReceipt:
         A plain ``get`` of the result link's mailbox: no timer and no task per
         result on the loop (``asyncio.wait_for`` made both).
         """
-        return await self.results.get()
+        self._awaiting = True
+        try:
+            return await self.results.get()
+        finally:
+            self._awaiting = False
 
     def check_owed(self) -> None:
         """``PhaseStalled`` once a result is owed for longer than the result deadline.
 
         Re-checked every tick rather than armed once: a result becomes owed
-        when an envelope is sent, which may happen at any moment.
+        when an envelope is sent, which may happen at any moment. Only while
+        this receipt waits on an empty result link: while it is held up by a
+        full decode queue (``D_out``), results may sit unread in the mailbox,
+        and the pipeline is not the one that is late.
         """
+        if not self._awaiting:
+            return
         deadline = self.deadline.deadline_s(cold=bool(self._cold))
         if self.gate.in_flight() and time.monotonic() - self._owed_since > deadline:
             last = self.role.leader_of(self.role.num_stages)

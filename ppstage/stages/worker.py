@@ -41,15 +41,21 @@ class StageWorker:
     def shutdown(self, *, cancel_pending: bool = False) -> None:
         """Let the thread end after the jobs already queued (it is a daemon: exit ends it too).
 
-        ``cancel_pending``: drop the jobs not started yet (their awaiting tasks
-        are being cancelled), as ``ThreadPoolExecutor.shutdown(cancel_futures=True)``.
+        ``cancel_pending``: drop the jobs not started yet and cancel their futures
+        (on their loop), as ``ThreadPoolExecutor.shutdown(cancel_futures=True)`` does.
         """
         if cancel_pending:
             while True:
                 try:
-                    self._jobs.get_nowait()
+                    job = self._jobs.get_nowait()
                 except queue.Empty:
                     break
+                if job is not None:  # wake whoever still awaits it, with a cancellation
+                    _, _, future, loop = job
+                    try:
+                        loop.call_soon_threadsafe(future.cancel)
+                    except RuntimeError:  # the loop is closed: nobody awaits any more
+                        pass
         self._jobs.put(None)
 
     def _serve(self) -> None:
@@ -60,6 +66,8 @@ class StageWorker:
             if job is None:
                 return
             fn, args, future, loop = job
+            if future.done():  # its awaiting task was cancelled before it started: never run it
+                continue
             try:
                 result, error = fn(*args), None
             except BaseException as exc:  # handed to the awaiting task, which decides
@@ -75,17 +83,18 @@ class JobProgress:
 
     Written by the worker thread (``enter``), read by the loop that watches the
     job's deadlines; ``current`` is replaced as one tuple, so a reader always
-    sees one consistent phase ``(phase, since_monotonic_s, limit_s, what)``
-    (``limit_s`` None: a phase without a deadline).
+    sees one consistent phase ``(phase, since_monotonic_s, limit_s, what, peer)``
+    (``limit_s`` None: a phase without a deadline; ``peer``: the rank a wait
+    is for, else None).
     """
 
     __slots__ = ("current",)
 
-    def __init__(self, phase: str, limit_s: float | None, what: str) -> None:
-        self.current = (phase, time.monotonic(), limit_s, what)
+    def __init__(self, phase: str, limit_s: float | None, what: str, peer: int | None = None) -> None:
+        self.current = (phase, time.monotonic(), limit_s, what, peer)
 
-    def enter(self, phase: str, limit_s: float | None, what: str) -> None:
-        self.current = (phase, time.monotonic(), limit_s, what)
+    def enter(self, phase: str, limit_s: float | None, what: str, peer: int | None = None) -> None:
+        self.current = (phase, time.monotonic(), limit_s, what, peer)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -99,6 +99,8 @@ class FrameWriter:
     """
 
     def __init__(self, device: torch.device, capacity: int = PREAMBLE_BYTES, *, exact: bool = True) -> None:
+        if capacity > len(_ZEROS):
+            raise ValueError(f"preamble capacity {capacity} > {len(_ZEROS)} bytes (GLOO_PREAMBLE_BYTES)")
         self.device = device
         self.capacity = capacity
         self.exact = exact
@@ -203,6 +205,8 @@ class FrameReader:
     """Receives frames from one link; owned by that link's receiver thread."""
 
     def __init__(self, device: torch.device, capacity: int = PREAMBLE_BYTES) -> None:
+        if capacity > len(_ZEROS):
+            raise ValueError(f"preamble capacity {capacity} > {len(_ZEROS)} bytes (GLOO_PREAMBLE_BYTES)")
         self.device = device
         self.capacity = capacity
         self.preamble = torch.zeros(capacity, dtype=torch.uint8, device=device)
