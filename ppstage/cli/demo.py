@@ -84,9 +84,9 @@ def _run(args: argparse.Namespace, stop) -> int:
         overrides["runtime.simulated_call_ms"] = args.simulate_call_ms
     cfg = cfg.with_overrides(overrides)
     load_backend(cfg)
-    from ppstage.distributed.devices import resolve_device
+    from ppstage.distributed.devices import require_device
 
-    resolve_device(cfg, cfg.topology.world_size - 1)  # every local rank has its device, before any starts
+    require_device(cfg, cfg.topology.world_size - 1)  # every local rank has its device, before any starts
     if cfg.recompute.mode == "r0":
         check_quality_report(cfg)  # the R0 rollout gate
     check_rebase_quality_report(cfg, chunks=args.chunks)  # re-bases that pin sinks: the same gate

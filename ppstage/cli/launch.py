@@ -115,9 +115,9 @@ def run(args: argparse.Namespace) -> int:
     load_backend(config)  # an unknown [model] backend fails here, not in the first collective
     rank, world = torchrun_rank()
     check_world_size(config, world)
-    from ppstage.distributed.devices import local_rank, resolve_device
+    from ppstage.distributed.devices import local_rank, require_device
 
-    resolve_device(config, local_rank(rank))  # CUDA asked for where there is none: one line, exit 2
+    require_device(config, local_rank(rank))  # CUDA asked for where there is none: one line, exit 2
     if config.recompute.mode == "r0":
         # The R0 rollout gate (the report path must exist on every node).
         check_quality_report(config)

@@ -48,17 +48,28 @@ def resolve_device(config: PPStageConfig, local: int) -> torch.device:
     if want == "cpu" and backend == "nccl":
         raise ConfigError("runtime.device = cpu cannot work with backend nccl (NCCL sends device memory)")
     if want == "cuda" or (want == "auto" and backend == "nccl"):
-        if not torch.cuda.is_available():
-            why = "a CPU-only build" if torch.version.cuda is None else "no usable GPU on this host"
-            raise ConfigError(
-                f"runtime.device = {want!r} with backend {backend} needs CUDA, and this torch "
-                f"({torch.__version__}) has {why}; use backend gloo with device auto or cpu"
-            )
-        if local >= torch.cuda.device_count():
+        if torch.cuda.is_available() and local >= torch.cuda.device_count():
             # NCCL refuses two ranks of one communicator on one GPU: one GPU per rank.
             raise ConfigError(f"local rank {local} needs cuda:{local}, this host has {torch.cuda.device_count()} GPU(s)")
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def require_device(config: PPStageConfig, local: int) -> torch.device:
+    """``resolve_device``, refusing (``ConfigError``) a CUDA device this torch cannot use.
+
+    Called by ``demo`` and ``launch`` before anything starts, so that CUDA asked
+    for on a CPU-only build (or a host without a GPU) is one line and exit 2,
+    not a traceback on every rank at ``torch.cuda.set_device``.
+    """
+    device = resolve_device(config, local)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "a CPU-only build" if torch.version.cuda is None else "no usable GPU on this host"
+        raise ConfigError(
+            f"runtime.device = {config.runtime.device!r} with backend {config.topology.backend} needs CUDA, "
+            f"and this torch ({torch.__version__}) has {why}; use backend gloo with device auto or cpu"
+        )
+    return device
 
 
 def reference_device(config: PPStageConfig) -> torch.device:
