@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ppstage.cli.args import non_negative_int, pause_at, positive_int, prompt_at, text
+from ppstage.cli.plan import script_from_args  # one definition, shared by demo, launch, plan, reference
 
 HELP = "run this process's rank of the pipeline (reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -33,32 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write this rank's message log to DIR/rank<r>.ppslog (docs/replay.md)")
     p.add_argument("--flight-dir", default=None, metavar="DIR",
                    help="where a failing rank writes its flight recorder (default: the record dir, else .)")
-
-
-def script_from_args(args: argparse.Namespace):
-    from ppstage.model.reference import DEFAULT_PROMPT, StreamScript
-    from ppstage.cli.plan import parse_prompt_at
-
-    if getattr(args, "script", None):  # a generated stream (``ppstage soak``)
-        import msgspec
-        from pathlib import Path
-
-        return msgspec.json.decode(Path(args.script).read_bytes(), type=StreamScript)
-
-    script = StreamScript(
-        prompt=args.prompt or DEFAULT_PROMPT,
-        cut_at=tuple(args.cut_at),
-        prompt_at=parse_prompt_at(args.prompt_at),
-    )
-    chunks = getattr(args, "chunks", None)
-    if chunks is not None:  # a bounded run: an event after its last chunk would silently never happen
-        from ppstage.config import ConfigError
-
-        late = [f"--cut-at {k}" for k in script.cut_at if k >= chunks]
-        late += [f"--prompt-at {k}:..." for k in sorted(script.prompt_at) if k >= chunks]
-        if late:
-            raise ConfigError(f"{', '.join(late)}: beyond the run's {chunks} chunk(s) (chunk indices 0..{chunks - 1})")
-    return script
 
 
 def _pauses(values: list[str]) -> dict[int, float]:

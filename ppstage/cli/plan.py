@@ -34,8 +34,6 @@ def run(args: argparse.Namespace) -> int:
     from ppstage.model.loader import load_backend
 
     load_backend(cfg)  # no model runs here, but a config naming an unknown backend is still refused
-    from ppstage.cli.launch import script_from_args
-
     script_from_args(args)  # refuses a --cut-at / --prompt-at beyond the last chunk
     prompts = parse_prompt_at(args.prompt_at)
     planner = Planner(cfg)
@@ -70,3 +68,33 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         print(" ".join(f"{v!s:>8}" for v in row[:-1]), f" {row[-1]}")
     return 0
+
+
+def script_from_args(args: argparse.Namespace):
+    """The stream's events (``StreamScript``) from the flags, or from ``--script`` (``ppstage soak``).
+
+    Raises ``ConfigError`` for a ``--cut-at`` / ``--prompt-at`` at or past
+    ``--chunks``: it would silently never happen.
+    """
+    from ppstage.model.reference import DEFAULT_PROMPT, StreamScript
+
+    if getattr(args, "script", None):  # a generated stream (``ppstage soak``)
+        import msgspec
+        from pathlib import Path
+
+        return msgspec.json.decode(Path(args.script).read_bytes(), type=StreamScript)
+
+    script = StreamScript(
+        prompt=args.prompt or DEFAULT_PROMPT,
+        cut_at=tuple(args.cut_at),
+        prompt_at=parse_prompt_at(args.prompt_at),
+    )
+    chunks = getattr(args, "chunks", None)
+    if chunks is not None:  # a bounded run: an event after its last chunk would silently never happen
+        from ppstage.config import ConfigError
+
+        late = [f"--cut-at {k}" for k in script.cut_at if k >= chunks]
+        late += [f"--prompt-at {k}:..." for k in sorted(script.prompt_at) if k >= chunks]
+        if late:
+            raise ConfigError(f"{', '.join(late)}: beyond the run's {chunks} chunk(s) (chunk indices 0..{chunks - 1})")
+    return script

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ppstage.cli.plan import script_from_args  # re-exported for ppstage.cli.quality
+
 from ppstage.cli.args import non_negative_int, positive_int, prompt_at, text
 
 HELP = "run the single-process reference model (R1/R0a/R0); write digests JSON and a contact sheet"
@@ -20,11 +22,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (timings: 1)")
 
 
-def script_from_args(args: argparse.Namespace):  # -> StreamScript
-    """The stream's events from the flags (one definition: ``ppstage.cli.launch``'s)."""
-    from ppstage.cli.launch import script_from_args as from_flags
-
-    return from_flags(args)
 
 
 def run(args: argparse.Namespace) -> int:
