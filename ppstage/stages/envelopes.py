@@ -1,4 +1,5 @@
-"""Building the wire messages of a chunk from a plan (phase A) and from stage output."""
+"""Building the wire messages of a chunk from a plan (phase A) and from stage output,
+and checking that an inbound hop is the one a step expects."""
 
 from __future__ import annotations
 
@@ -8,16 +9,19 @@ from protocol import (
     CallKind,
     ChunkId,
     ChunkResult,
+    ErrorEnvelope,
     HopTarget,
     InferEnvelope,
     StageHop,
     StageReport,
+    action_of,
     hop_tensor_name,
 )
 
 from ppstage.core.plan import ChunkPlan
+from ppstage.errors import UnexpectedMessage, UpstreamFailed
 from ppstage.model.stream_inputs import ChunkInputs
-from ppstage.distributed.transport import make_spec
+from ppstage.distributed.transport import Inbound, make_spec
 
 
 def infer_envelope(plan: ChunkPlan, inputs: ChunkInputs) -> tuple[InferEnvelope, list[torch.Tensor]]:
@@ -93,3 +97,25 @@ def ok_result(
 def error_result(chunk: ChunkId, reason: str) -> ChunkResult:
     """An error result for ``chunk``: ``reason``, no tensors."""
     return ChunkResult(**chunk.fields(), ok=False, error=reason)
+
+
+def check_hop(item: Inbound, env: InferEnvelope, kind: str, step: int, target: str) -> None:
+    """Raise unless ``item`` is the ``kind`` ``target`` hop of step ``step`` of ``env``'s call.
+
+    Raises the frame's own ``ProtocolError`` (it failed validation or a digest),
+    ``UpstreamFailed`` for an ``ERROR`` in its place, ``UnexpectedMessage`` for
+    any other message (SPEC section 5: a hop belongs to one epoch, call and step).
+    """
+    msg = item.msg
+    if item.error is not None:
+        raise item.error
+    if isinstance(msg, ErrorEnvelope):
+        raise UpstreamFailed(f"upstream failed: {msg.reason}", chunk=msg.id)
+    if not isinstance(msg, StageHop) or (
+        msg.cache_epoch, msg.call_id, msg.chunk_index, msg.call_kind, msg.step, msg.target
+    ) != (env.cache_epoch, env.call_id, env.chunk_index, kind, step, target):
+        raise UnexpectedMessage(
+            f"expected the {kind} {target} hop of step {step}, got {action_of(msg)} "
+            f"{getattr(msg, 'call_kind', '')} step {getattr(msg, 'step', '')}",
+            chunk=msg.id,
+        )

@@ -1,4 +1,4 @@
-"""Generator stage actors: ``StageLeader`` (P2P + mesh publisher) and ``MeshFollower``.
+"""``StageLeader``: a generator stage's first rank (P2P + mesh publisher; followers: ``follower.py``).
 
 Per chunk (phase B), on every generator rank in lockstep: apply the plan's
 resets, run the recompute call if planned, run the denoise calls over this
@@ -29,7 +29,6 @@ from protocol import (
     NoopEnvelope,
     ProtocolError,
     ShutdownEnvelope,
-    StageHop,
     StageReport,
     action_of,
 )
@@ -40,7 +39,6 @@ from ppstage.errors import (
     PhaseStalled,
     PPStageError,
     UnexpectedMessage,
-    UpstreamFailed,
     WatchdogExpired,
 )
 from ppstage.faults.drills import RankDrills, out_of_band_reset, stall
@@ -52,7 +50,7 @@ from ppstage.model.backend import GeneratorBackend
 from ppstage.model.loader import build_generator
 from ppstage.distributed.topology import MeshComm, Role
 from ppstage.distributed.transport import Inbound, Mailbox, MailboxInterrupted, Transport
-from ppstage.stages.envelopes import error_result, hop, ok_result
+from ppstage.stages.envelopes import check_hop, error_result, hop, ok_result
 from ppstage.stages.deadlines import PhaseDeadline, WarmupTracker
 from ppstage.stages.mesh import MeshRelay
 from ppstage.stages.worker import JobProgress, StageWorker
@@ -105,28 +103,6 @@ def _retrieved(future: asyncio.Future) -> None:
     """Mark an abandoned future's exception as seen (asyncio would log it at exit)."""
     if not future.cancelled():
         future.exception()
-
-
-def check_hop(item: Inbound, env: InferEnvelope, kind: str, step: int, target: str) -> None:
-    """Raise unless ``item`` is the ``kind`` ``target`` hop of step ``step`` of ``env``'s call.
-
-    Raises the frame's own ``ProtocolError`` (it failed validation or a digest),
-    ``UpstreamFailed`` for an ``ERROR`` in its place, ``UnexpectedMessage`` for
-    any other message (SPEC section 5: a hop belongs to one epoch, call and step).
-    """
-    msg = item.msg
-    if item.error is not None:
-        raise item.error
-    if isinstance(msg, ErrorEnvelope):
-        raise UpstreamFailed(f"upstream failed: {msg.reason}", chunk=msg.id)
-    if not isinstance(msg, StageHop) or (
-        msg.cache_epoch, msg.call_id, msg.chunk_index, msg.call_kind, msg.step, msg.target
-    ) != (env.cache_epoch, env.call_id, env.chunk_index, kind, step, target):
-        raise UnexpectedMessage(
-            f"expected the {kind} {target} hop of step {step}, got {action_of(msg)} "
-            f"{getattr(msg, 'call_kind', '')} step {getattr(msg, 'step', '')}",
-            chunk=msg.id,
-        )
 
 
 class StageLeader:
@@ -709,61 +685,3 @@ class StageLeader:
             await asyncio.wait_for(aw, timeout=2.0)
         except Exception as exc:  # the peer may already be gone; the cause was logged before
             self._log.warning("could not pass the terminal action on", error=f"{type(exc).__name__}: {exc}")
-
-
-class MeshFollower:
-    """A non-leader mesh rank: follows the leader's broadcasts in its worker thread."""
-
-    def __init__(
-        self, config: PPStageConfig, role: Role, comm: MeshComm, *, device: torch.device | str = "cpu"
-    ) -> None:
-        self.config = config
-        self.role = role
-        self.model = build_stage_model(config, role, comm, device)
-        self.relay = MeshRelay(
-            comm, role.leader_of(role.stage), extra_collective=config.runtime.debug_extra_collective,
-            device=device,
-        )
-        self.drills = RankDrills(config.faults, role.rank)
-        self._warmup = WarmupTracker()
-        self.cold = True  # read by the watchdog thread: a cold chunk gets the warm-up deadline
-        self.last_activity = time.monotonic()
-        self._log = log.bind(rank=role.rank, stage=role.stage, group=f"mesh{role.stage}")
-
-    def run_blocking(self) -> int:
-        env: InferEnvelope | None = None
-        steps: list[int] = []
-        try:
-            while True:
-                msg, tensors = self.relay.receive()
-                self.last_activity = time.monotonic()
-                if isinstance(msg, InferEnvelope):
-                    env = msg
-                    steps = [int(t) for t in tensors["denoising_step_list"].tolist()]
-                    exit_if_drilled(self.drills, env.chunk_index, self.role.rank)
-                    self.cold = self._warmup.enter((env.num_frames, env.height, env.width, tuple(steps)))
-                    self.model.begin_chunk(env, tensors["conditioning_embeds"])
-                elif isinstance(msg, StageHop):
-                    if env is None or (msg.cache_epoch, msg.call_id) != (env.cache_epoch, env.call_id):
-                        raise UnexpectedMessage("mesh hop without its envelope", chunk=msg.id)
-                    t = RECOMPUTE_TIMESTEP if msg.call_kind == "recompute" else float(steps[msg.step])
-                    y = self.model.run_call(msg.call_kind, t, next(iter(tensors.values())))
-                    if self.model.lifecycle.state.calls_made == env.expected_generator_calls:
-                        state = self.model.end_chunk()
-                        self.relay.recorder.chunk(env, self.role.stage, state, self.model.state_digest(), tensor_digest(y))
-                        self.relay.check_digests(self.model.state_digest(), tensor_digest(y), env.id)
-                        if self.drills.fires("reset_cache_one_rank", env.chunk_index):
-                            out_of_band_reset(self.model)  # B6
-                elif isinstance(msg, ShutdownEnvelope):
-                    self._log.info("shutdown", **ids_of(msg))
-                    return 0
-                elif isinstance(msg, ErrorEnvelope):
-                    self._log.error("terminal action from leader", reason=msg.reason, **ids_of(msg))
-                    return 1
-        except (ProtocolError, PPStageError) as exc:
-            self._log.error("mesh follower failed", reason=str(exc), error=type(exc).__name__)
-            self.relay.recorder.event("failure", f"{type(exc).__name__}: {exc}")
-            return 1
-        except Exception as exc:  # a collective failing because a mesh peer died
-            self._log.error("mesh follower failed", reason=str(exc).splitlines()[0], error=type(exc).__name__)
-            return 1

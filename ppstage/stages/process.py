@@ -220,7 +220,7 @@ def _hard_exit(log, exc: ChunkError) -> None:
 
 def _run_follower(config, role, groups, log, device, stop: StopRequest) -> int:
     """Non-leader mesh rank: the worker thread follows broadcasts; this thread watches it."""
-    from ppstage.stages.leader import MeshFollower
+    from ppstage.stages.follower import MeshFollower
     from ppstage.distributed.topology import MeshComm
 
     follower = MeshFollower(config, role, MeshComm(role, groups), device=device)

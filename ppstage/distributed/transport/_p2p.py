@@ -251,8 +251,7 @@ class Transport:
         frame's last byte was handed to the backend, with ``ChannelDead`` on
         failure. Without one, a failure reaches the process only through
         ``on_fatal`` (which it always does), and the loop is not woken per
-        frame. The
-        worker of a stage queues its output hop this way, so the hop goes
+        frame. A stage's worker queues its output hop this way, so the hop goes
         worker -> sender thread without waking the loop (``_mailbox.py`` says
         what that saves).
         """
