@@ -10,14 +10,20 @@ step; after the last step it sends the result to rank 0.
 Threads: the asyncio loop orchestrates and never blocks; the transport's
 threads own P2P; ONE worker thread per rank runs the model and issues every
 mesh collective (so the collective order is identical on every mesh rank).
+
+The leader owns the actor's state and the loop's side of every chunk: the
+dispatch of inbound envelopes, the deadlines, the abort and the fatal link,
+the relay of control messages and ERROR. Its steps run one of two schedules
+over the same model work (``calls.py``): every hop through the loop
+(``loop_steps.py``, ``runtime.fused_steps = false``) or the whole chunk as one
+worker job that the loop watches (``fused.py``, the default).
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import structlog
 import torch
@@ -29,7 +35,6 @@ from protocol import (
     NoopEnvelope,
     ProtocolError,
     ShutdownEnvelope,
-    StageReport,
     action_of,
 )
 
@@ -41,17 +46,19 @@ from ppstage.errors import (
     UnexpectedMessage,
     WatchdogExpired,
 )
-from ppstage.faults.drills import RankDrills, out_of_band_reset, stall
+from ppstage.faults.drills import RankDrills, out_of_band_reset
 from ppstage.faults.inject import exit_if_drilled
 from ppstage.observability.logs import ids_of
-from ppstage.digests import tensor_digest
-from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step, step_noise
+from ppstage.model.scheduler import FlowMatchScheduler
 from ppstage.model.backend import GeneratorBackend
 from ppstage.model.loader import build_generator
 from ppstage.distributed.topology import MeshComm, Role
 from ppstage.distributed.transport import Inbound, Mailbox, MailboxInterrupted, Transport
-from ppstage.stages.envelopes import check_hop, error_result, hop, ok_result
+from ppstage.stages.calls import LeaderCalls
+from ppstage.stages.envelopes import error_result
 from ppstage.stages.deadlines import PhaseDeadline, WarmupTracker
+from ppstage.stages.fused import HOP_WAIT_GRACE_S, WATCH_TICKS_PER_DEADLINE, FusedChunkJob, OutputGate, StepLimits
+from ppstage.stages.loop_steps import LoopSteps
 from ppstage.stages.mesh import MeshRelay
 from ppstage.stages.worker import JobProgress, StageWorker
 
@@ -87,18 +94,6 @@ def build_stage_model(
     return model
 
 
-# A fused step's own wait for its hop ends first and names the silent peer; the
-# loop's watch of the same wait fires only if the worker is stuck elsewhere.
-HOP_WAIT_GRACE_S = 1.0
-# The loop looks at a fused job's progress this many times per (shortest) phase deadline.
-WATCH_TICKS_PER_DEADLINE = 4
-
-
-class _StepLimits(NamedTuple):
-    call_s: float  # the generator call's phase deadline
-    mesh_s: float  # the end of chunk's mesh digest check
-
-
 def _retrieved(future: asyncio.Future) -> None:
     """Mark an abandoned future's exception as seen (asyncio would log it at exit)."""
     if not future.cancelled():
@@ -119,20 +114,23 @@ class StageLeader:
         self.config = config
         self.role = role
         self.transport = transport
-        self.model = build_stage_model(config, role, comm, transport.device)
-        self.relay = MeshRelay(
+        model = build_stage_model(config, role, comm, transport.device)
+        relay = MeshRelay(
             comm, role.rank, extra_collective=config.runtime.debug_extra_collective, device=transport.device
+        )
+        # The model and the mesh relay: driven only through ``calls``, on the worker thread.
+        self.calls = LeaderCalls(
+            role, model, relay, transport.recorder,
+            call_cost_s=config.runtime.simulated_call_ms / 1e3 / role.num_stages, device=transport.device,
         )
         self.scheduler = FlowMatchScheduler.from_config(config)
         self.fatal = fatal
-        self.first = role.is_first_stage
         self.last = role.is_last_stage
         assert role.prev_rank is not None and role.next_rank is not None
         self.upstream = transport.open_inbound(role.prev_rank)
         self.handback = transport.open_inbound(role.handback_src) if role.handback_src is not None else None
         self.next_rank = role.next_rank  # rank 0 for the last stage (results)
         self._worker = StageWorker(f"stage{role.stage}-worker", transport.device)
-        self._call_cost_s = config.runtime.simulated_call_ms / 1e3 / role.num_stages
         self._idle_s = config.runtime.stage_idle_deadline_s
         self._drain_by: float | None = None
         self.drills = RankDrills(config.faults, role.rank)
@@ -153,9 +151,17 @@ class StageLeader:
         self._log = log.bind(rank=role.rank, stage=role.stage, group=f"mesh{role.stage}")
         # Steps run "fused" in the worker: hop in, call, hop out (``runtime.fused_steps``).
         self._fused = config.runtime.fused_steps
-        # Set with the abort or a fatal link: a fused step still running queues nothing more.
-        self._ending = threading.Event()
-        self._output_gate = threading.Lock()  # ``_queue_output`` vs ``_interrupt``
+        # Shut with the abort or a fatal link: a fused step still running queues nothing more.
+        self._outputs = OutputGate(transport)
+        # The two step schedules; what they need of the leader is passed in, the deadlines stay here.
+        self._fused_job = FusedChunkJob(
+            role, self.calls, self.drills, self.scheduler, upstream=self.upstream, handback=self.handback,
+            outputs=self._outputs, wait_limit=self._wait_limit, wait_expired=self._wait_expired,
+        )
+        self._loop_steps = LoopSteps(
+            role, self.calls, self.drills, self.scheduler, transport, upstream=self.upstream,
+            handback=self.handback, timed=self._timed, next=self._next, work=self._work, log=self._log,
+        )
 
     # -- lifecycle of the actor --------------------------------------------
     def abort(self, msg: ErrorEnvelope) -> None:
@@ -245,81 +251,15 @@ class StageLeader:
         else:
             if not self.last:
                 await self.transport.send(self.next_rank, env, ordered)
-            await self._loop_chunk(env, tensors, ordered, steps, x_t, t0)
+            await self._loop_steps.run(env, tensors, ordered, steps, x_t, t0)
         self.recorder.span("chunk", t0_ns, env)
         if self.drills.fires("reset_cache_one_rank", env.chunk_index):
-            await self._work(out_of_band_reset, self.model)  # B6: the next chunk must report it
+            await self._work(out_of_band_reset, self.calls.model)  # B6: the next chunk must report it
 
-    async def _loop_chunk(self, env: InferEnvelope, tensors: dict[str, torch.Tensor],
-                          ordered: list[torch.Tensor], steps: list[int], x_t: torch.Tensor, t0: float) -> None:
-        """A chunk with every hop through the loop (``runtime.fused_steps = false``)."""
-        await self._timed("mesh collective", "mesh broadcast of the envelope", env, self._begin, env, ordered)
-        if self.drills.fires("wrong_group_collective", env.chunk_index):
-            await self._work(self._wrong_group_collective)  # B10: refused before it is issued
-        if env.do_kv_recompute:
-            if self.first:
-                x = tensors["context_frames_override"]
-            else:
-                x = (await self._hop(self.upstream, env, "recompute", -1, "hidden")).tensors["hidden"]
-            y = await self._timed("generator call", "generator call (recompute)", env,
-                                  self._call, env, "recompute", -1, RECOMPUTE_TIMESTEP, x)
-            if not self.last:
-                await self.transport.send(self.next_rank, hop(env, call_kind="recompute", step=-1, target="hidden", tensor=y), [y])
-        await self._loop_steps(env, steps, x_t, t0)
-
-    async def _loop_steps(self, env: InferEnvelope, steps: list[int], x_t: torch.Tensor, t0: float) -> None:
-        """The denoise steps with every hop through the loop (``runtime.fused_steps = false``)."""
-        n = len(steps)
-        upstream_reports: tuple[StageReport, ...] = ()
-        for i, t in enumerate(steps):
-            if not self.first:
-                h = await self._hop(self.upstream, env, "denoise", i, "hidden")
-                x = h.tensors["hidden"]
-                upstream_reports = h.msg.stages
-            elif i == 0 or self.handback is None:
-                x = x_t  # step 0: the envelope's latents; K == 1: our own re-noised latent
-            else:
-                x = (await self._hop(self.handback, env, "denoise", i, "latent")).tensors["latents"]
-            final = i == n - 1
-            if i == 1 and self.drills.fires("skip_generator_call", env.chunk_index):
-                pass  # B2: step 1's call is skipped; step 0's output stands in for it (same shape)
-            else:
-                y = await self._timed("generator call", f"generator call (denoise step {i})", env,
-                                      self._call, env, "denoise", i, float(t), x)
-            report: tuple[StageReport, ...] = ()
-            if final and self.drills.fires("extra_generator_call", env.chunk_index):
-                await self._work(self._call, env, "denoise", i, float(t), x)  # B2: one call too many
-            drill = self.drills.fires("stall_generator_call", env.chunk_index) if final else None
-            if drill is not None:  # a stuck kernel: only the deadlines can end this
-                await self._timed("generator call", f"generator call (denoise step {i})", env, stall, drill)
-            if final:
-                state = await self._timed("mesh collective", "end of chunk (mesh digest check)", env,
-                                          self._end, env, y)
-                report = (self._report(state, t0),)
-            if not self.last:
-                msg = hop(env, call_kind="denoise", step=i, target="hidden", tensor=y,
-                          stages=upstream_reports + report)
-                await self.transport.send(self.next_rank, msg, [y])
-                continue
-            x0, x_next = denoise_step(self.scheduler, env, steps, i, x_t, y)
-            if final:
-                result = ok_result(env, x0, tensor_digest(x0), upstream_reports + report)
-                delay = self.drills.fires("delay_result", env.chunk_index)
-                if delay is not None:  # B8: a late result (rank 0 may cut meanwhile)
-                    await asyncio.sleep(delay.seconds)
-                await self.transport.send(0, result, [x0])
-                self._log.debug("result sent", dst=0, **ids_of(env))
-            else:
-                assert x_next is not None
-                x_t = x_next
-                if self.role.handback_dst is not None:
-                    msg = hop(env, call_kind="denoise", step=i + 1, target="latent", tensor=x_next)
-                    await self.transport.send(self.role.handback_dst, msg, [x_next])
-
-    # -- the fused steps: hop in, call, hop out, all in the worker --------------
+    # -- the fused steps: the loop's side of the worker job (fused.py) ----------
     async def _fused_chunk(self, env: InferEnvelope, tensors: dict[str, torch.Tensor],
                            ordered: list[torch.Tensor], steps: list[int], x_t: torch.Tensor, t0: float) -> None:
-        """The whole chunk's model work in ONE worker job (``_chunk_job``): the mesh
+        """The whole chunk's model work in ONE worker job (``FusedChunkJob.run``): the mesh
         broadcast of the envelope, the recompute call and every denoise step, each
         step taking its input hop from the link's mailbox and queueing its output
         hop to the sender thread itself.
@@ -329,174 +269,22 @@ class StageLeader:
         with every hop through the loop, ~0.6 ms fused; docs/performance.md,
         "Fused steps"). The loop still owns every deadline, the abort and the
         fatal link, by watching the job's ``JobProgress``; the job's frames,
-        checks and drills are those of ``_loop_chunk``, in the same order on
+        checks and drills are those of ``LoopSteps.run``, in the same order on
         every link.
         """
-        limits = _StepLimits(
+        limits = StepLimits(
             call_s=self._deadlines["generator call"].deadline_s(cold=self._cold),
             mesh_s=self._deadlines["mesh collective"].deadline_s(cold=self._cold),
         )
         progress = JobProgress("mesh collective", limits.mesh_s, "mesh broadcast of the envelope")
         job = asyncio.ensure_future(
-            self._work(self._chunk_job, env, tensors, ordered, steps, x_t, limits, progress, t0)
+            self._work(self._fused_job.run, env, tensors, ordered, steps, x_t, limits, progress, t0)
         )
         job.add_done_callback(_retrieved)  # a job abandoned by an abort: its error is not news
         tick_s = min(limits.call_s, limits.mesh_s) / WATCH_TICKS_PER_DEADLINE
         timings: list[tuple[str, float]] = await self._watch(job, progress, env, tick_s)
         for phase, seconds in timings:
             self._deadlines[phase].observe(seconds, cold=self._cold)
-
-    def _step_source(self, i: int) -> tuple[Mailbox[Inbound], int | None, str] | None:
-        """Where step ``i``'s input comes from: a mailbox, its source rank and hop target; None if local."""
-        if not self.first:
-            return self.upstream, self.role.prev_rank, "hidden"
-        if i == 0 or self.handback is None:
-            return None  # step 0: the envelope's latents; K == 1: our own re-noised latent
-        return self.handback, self.role.handback_src, "latent"
-
-    def _input_phase(self, env: InferEnvelope, kind: str, i: int, source, limits: "_StepLimits") -> tuple:
-        """The phase the ``kind`` call of step ``i`` starts in, with its limit, for ``JobProgress``."""
-        if source is None:
-            return "generator call", limits.call_s, f"generator call ({kind} step {i})"
-        # The worker's own wait ends first and names the silent peer (``HOP_WAIT_GRACE_S``).
-        return "hop wait", self._wait_limit(env.id) + HOP_WAIT_GRACE_S, f"the {kind} hop of step {i}", source[1]
-
-    def _take_hop(self, env: InferEnvelope, source, kind: str, step: int) -> Inbound:
-        """Worker thread: the next frame of ``source``'s mailbox, checked to be this hop."""
-        mailbox, src, target = source
-        wait_s = self._wait_limit(env.id)
-        item = mailbox.take(wait_s)
-        if item is None:
-            raise self._wait_expired(src, f"the {kind} hop of step {step}", wait_s, env.id)
-        check_hop(item, env, kind, step, target)
-        return item
-
-    def _chunk_job(
-        self,
-        env: InferEnvelope,
-        tensors: dict[str, torch.Tensor],
-        ordered: list[torch.Tensor],
-        steps: list[int],
-        x_t: torch.Tensor,
-        limits: "_StepLimits",
-        progress: JobProgress,
-        t0: float,
-    ) -> list[tuple[str, float]]:
-        """Worker thread: the chunk of ``_fused_chunk`` (``_loop_chunk``'s body, drills included).
-
-        Returns ``(phase, seconds)`` of every timed phase for the deadlines'
-        history. Raises what ``_loop_chunk`` would: the frame's
-        ``ProtocolError``, ``UnexpectedMessage``, ``UpstreamFailed``,
-        ``IllegalTransition`` and friends from the lifecycle, ``PhaseStalled`` /
-        ``WatchdogExpired`` for a hop that does not come in time.
-        """
-        timings: list[tuple[str, float]] = []
-        b0 = time.monotonic()
-        self._begin(env, ordered)
-        timings.append(("mesh collective", time.monotonic() - b0))
-        if self.drills.fires("wrong_group_collective", env.chunk_index):
-            self._wrong_group_collective()  # B10: refused before it is issued
-        if env.do_kv_recompute:
-            if self.first:
-                x = tensors["context_frames_override"]
-            else:
-                source = (self.upstream, self.role.prev_rank, "hidden")
-                progress.enter(*self._input_phase(env, "recompute", -1, source, limits))
-                x = self._take_hop(env, source, "recompute", -1).tensors["hidden"]
-            progress.enter("generator call", limits.call_s, "generator call (recompute)")
-            c0 = time.monotonic()
-            y = self._call(env, "recompute", -1, RECOMPUTE_TIMESTEP, x)
-            timings.append(("generator call", time.monotonic() - c0))
-            if not self.last:
-                progress.enter("output", None, "the output of the recompute call")
-                msg = hop(env, call_kind="recompute", step=-1, target="hidden", tensor=y)
-                self._queue_output(self.next_rank, msg, [y])
-        n = len(steps)
-        upstream_reports: tuple[StageReport, ...] = ()
-        # The last stage's re-noise of each step depends only on the plan: drawn now,
-        # while the first hop is still on its way, not between a call and its hop.
-        noises = [step_noise(env, i, tuple(x_t.shape), device=x_t.device) for i in range(n - 1)] if self.last else []
-        for i in range(n):
-            final = i == n - 1
-            source = self._step_source(i)
-            progress.enter(*self._input_phase(env, "denoise", i, source, limits))
-            if source is None:
-                x = x_t
-            else:
-                item = self._take_hop(env, source, "denoise", i)
-                x = item.tensors["hidden" if source[2] == "hidden" else "latents"]
-                if not self.first:
-                    upstream_reports = item.msg.stages
-            progress.enter("generator call", limits.call_s, f"generator call (denoise step {i})")
-            c0 = time.monotonic()
-            if i == 1 and self.drills.fires("skip_generator_call", env.chunk_index):
-                pass  # B2: step 1's call is skipped; step 0's output stands in for it (same shape)
-            else:
-                y = self._call(env, "denoise", i, float(steps[i]), x)
-            call_s, end_s = time.monotonic() - c0, None
-            report: tuple[StageReport, ...] = ()
-            if final and self.drills.fires("extra_generator_call", env.chunk_index):
-                self._call(env, "denoise", i, float(steps[i]), x)  # B2: one call too many
-            drill = self.drills.fires("stall_generator_call", env.chunk_index) if final else None
-            if drill is not None:  # a stuck kernel: only the loop's watch of this phase can end it
-                progress.enter("generator call", limits.call_s, f"generator call (denoise step {i})")
-                stall(drill)
-            if final:
-                progress.enter("mesh collective", limits.mesh_s, "end of chunk (mesh digest check)")
-                e0 = time.monotonic()
-                state = self._end(env, y)
-                end_s = time.monotonic() - e0
-                report = (self._report(state, t0),)
-            timings.append(("generator call", call_s))
-            if end_s is not None:
-                timings.append(("mesh collective", end_s))
-            # Queueing the output cannot hang (preflight, then a queue put); the
-            # only wait here is a B8 drill's deliberate delay, which no deadline covers.
-            progress.enter("output", None, f"the output of denoise step {i}")
-            if not self.last:
-                msg = hop(env, call_kind="denoise", step=i, target="hidden", tensor=y,
-                          stages=upstream_reports + report)
-                self._queue_output(self.next_rank, msg, [y])
-                continue
-            x0, x_next = denoise_step(self.scheduler, env, steps, i, x_t, y, noise=noises[i] if not final else None)
-            if final:
-                result = ok_result(env, x0, tensor_digest(x0), upstream_reports + report)
-                delay = self.drills.fires("delay_result", env.chunk_index)
-                if delay is not None:  # B8: a late result (rank 0 may cut meanwhile)
-                    time.sleep(delay.seconds)
-                self._queue_output(0, result, [x0])
-                continue
-            assert x_next is not None
-            x_t = x_next
-            if self.role.handback_dst is not None:
-                msg = hop(env, call_kind="denoise", step=i + 1, target="latent", tensor=x_next)
-                self._queue_output(self.role.handback_dst, msg, [x_next])
-        return timings
-
-    def _queue_output(self, dst: int, msg, tensors: list[torch.Tensor]) -> None:
-        """Worker thread: queue a fused job's output frame, unless the stage is ending.
-
-        Checked and queued under ``_output_gate``, which ``_interrupt`` takes to
-        set ``_ending``: once the loop has interrupted the job (to relay an
-        ERROR), no frame of the job can follow that ERROR on any link. No
-        future per frame: a send that fails reaches the loop as the fatal link.
-        """
-        with self._output_gate:
-            if self._ending.is_set():
-                raise MailboxInterrupted("the stage is ending: the output is not sent")
-            self.transport.enqueue(dst, msg, tensors)
-
-    def _report(self, state, t0: float) -> StageReport:
-        """This stage's report of the chunk that began at ``t0`` (``perf_counter``), from its end state."""
-        return StageReport(
-            stage=self.role.stage,
-            current_start_frame=state.current_start_frame,
-            global_end_index=state.global_end_index,
-            local_end_index=state.local_end_index,
-            state_digest=self.model.state_digest(),
-            observed_generator_calls=state.calls_made,
-            duration_s=time.perf_counter() - t0,
-        )
 
     async def _watch(self, job: asyncio.Future, progress: JobProgress, env: InferEnvelope, tick_s: float) -> Any:
         """Await a fused job under the deadline of whichever phase it is in (read from ``progress``).
@@ -541,41 +329,10 @@ class StageLeader:
 
     def _interrupt(self) -> None:
         """The stage is ending: a fused job blocked on a mailbox returns, none queues more."""
-        with self._output_gate:  # held by a worker only for one preflight and queue put
-            self._ending.set()
+        self._outputs.close()
         for mailbox in (self.upstream, self.handback):
             if mailbox is not None:
                 mailbox.interrupt()
-
-    # -- worker-thread bodies (model + mesh collectives) ----------------------
-    def _begin(self, env: InferEnvelope, ordered: list[torch.Tensor]) -> None:
-        # The leader's own lifecycle check runs first: a plan it must refuse (an
-        # illegal transition) is refused before any mesh collective is entered.
-        cond = ordered[[s.name for s in env.tensors].index("conditioning_embeds")]
-        self.model.begin_chunk(env, cond)
-        self.relay.publish(env, ordered)
-
-    def _call(self, env: InferEnvelope, kind: str, step: int, timestep: float, x: torch.Tensor) -> torch.Tensor:
-        if self.relay.active:
-            target = "latent" if self.first else "hidden"
-            self.relay.publish(hop(env, call_kind=kind, step=step, target=target, tensor=x), [x])
-        y = self.model.run_call(kind, timestep, x)  # type: ignore[arg-type]
-        if self._call_cost_s:
-            time.sleep(self._call_cost_s)  # simulated generator cost (config.runtime)
-        return y
-
-    def _end(self, env: InferEnvelope, last_output: torch.Tensor):
-        state = self.model.end_chunk()
-        self.recorder.chunk(env, self.role.stage, state, self.model.state_digest(), tensor_digest(last_output))
-        if self.relay.active:
-            self.relay.check_digests(self.model.state_digest(), tensor_digest(last_output), env.id)
-        return state
-
-    def _wrong_group_collective(self) -> None:
-        other = self.role.stage % self.role.num_stages + 1  # another stage's mesh
-        if other == self.role.stage:
-            other = 0  # a single stage: rank 0's side, which no stage may join
-        MeshComm(self.role, self.relay.comm.groups, stage=other).all_reduce(torch.zeros(1, device=self.transport.device))
 
     async def _work(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self._worker.run(fn, *args)
@@ -642,23 +399,17 @@ class StageLeader:
             raise self.fatal.result()
         raise self._wait_expired(src, what, deadline, chunk)
 
-    async def _hop(self, queue, env: InferEnvelope, kind: str, step: int, target: str) -> Inbound:
-        src = self.role.prev_rank if queue is self.upstream else self.role.handback_src
-        item = await self._next(queue, f"the {kind} hop of step {step}", src, env.id)
-        check_hop(item, env, kind, step, target)
-        return item
-
     # -- relaying control messages and failing loudly ---------------------------
     async def _relay(self, msg: NoopEnvelope | ShutdownEnvelope | ErrorEnvelope) -> None:
         if not self.last:
             await self.transport.send(self.next_rank, msg, [])
-        await self._work(self.relay.publish, msg, [])
+        await self._work(self.calls.relay.publish, msg, [])
 
     async def _relay_error(self, msg: ErrorEnvelope) -> int:
         self._log.error("terminal action received", reason=msg.reason, origin=msg.origin_rank, **ids_of(msg))
         self.recorder.event("terminal_action", f"ERROR from rank {msg.origin_rank}: {msg.reason}")
-        if self.relay.active:  # (a stalled worker would only delay the report)
-            await self._best_effort(self._work(self.relay.publish, msg, []))
+        if self.calls.relay.active:  # (a stalled worker would only delay the report)
+            await self._best_effort(self._work(self.calls.relay.publish, msg, []))
         if not self.last:
             await self._best_effort(self.transport.send(self.next_rank, msg, []))
         elif msg.origin_rank != 0:
