@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ppstage.bench.soak import count_out_of_order, count_stale, format_report, random_stream, run_soak
+from ppstage.bench.soak import SoakReport, count_out_of_order, count_stale, format_report, random_stream, run_soak
 from ppstage.config import PPStageConfig
 
 
@@ -42,3 +42,15 @@ def test_a_200_chunk_soak_emits_nothing_stale_or_out_of_order_within_its_queues_
     assert report.max_in_flight <= report.d_in and report.max_decode_queue <= report.d_out
     assert report.emitted + sum(report.drops.values()) == 200
     assert report.passed  # includes every rank's RSS growth < 5 % after warm-up
+
+
+def test_the_soak_rate_is_from_the_first_emitted_chunk_not_over_the_wall_time():
+    # 100 chunks in 100 s of wall time, of which most was start-up: rank 0 saw 10 chunks/s.
+    r = SoakReport(chunks=100, emitted=100, cuts=0, prompt_updates=0, bias_changes=0, pauses=0, drops={},
+                   stale_emitted=0, out_of_order=0, max_in_flight=1, max_decode_queue=1, d_in=2, d_out=2,
+                   rss_warm_kib=[1], rss_end_kib=[1], exit_codes=[0], wall_s=100.0, rss_growth_limit=0.05,
+                   frames_per_s=30.0, frames_per_chunk=3)
+    text = format_report(r)
+    assert "10.0 chunks/s = 30.0 frames/s  (start-up excluded)" in text
+    assert "100.0 s  (start-up and shutdown included)" in text
+    assert "1.0 chunks/s" not in text

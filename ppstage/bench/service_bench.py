@@ -8,6 +8,10 @@ simulated generator cost), then measures in one run:
 3. after churn (many viewers connecting and vanishing), that the viewer gauge
    is back to 0, and rank 0's resident memory at each step.
 
+Each phase starts once ``/readyz`` answers (parity passed, warm-up chunk
+done), so start-up is in none of them; its period is the phase's seconds over
+the chunks emitted in it (a mean, not a median).
+
 Prints figures and ratios; it asserts nothing (timings on a shared machine are
 noise-prone: the test suite checks behaviour, this reports numbers).
 """
@@ -126,7 +130,12 @@ def run_service_bench(*, seconds: float = 8.0, viewers: int = 50, churn: int = 2
 
 def format_report(phases: list[Phase]) -> str:
     base = phases[0]
-    lines = [f"{'phase':<40} {'chunks':>7} {'period ms':>10} {'vs none':>8} {'frames/viewer':>14} {'rank0 RSS MB':>13}"]
+    lines = [
+        "service: rank 0 + 2 stages, embedded model; period = a phase's seconds / the chunks emitted in it "
+        "(a mean; every phase starts after /readyz, so start-up is excluded)",
+        "",
+        f"{'phase':<40} {'chunks':>7} {'period ms':>10} {'vs none':>8} {'frames/viewer':>14} {'rank0 RSS MB':>13}",
+    ]
     for p in phases:
         ratio = p.period_ms / base.period_ms if base.chunks else float("nan")
         lines.append(f"{p.name:<40} {p.chunks:>7} {p.period_ms:>10.1f} {ratio:>8.3f} "
