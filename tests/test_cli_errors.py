@@ -220,6 +220,7 @@ def test_asking_for_cuda_where_torch_has_none_is_refused_before_any_rank_starts(
 @pytest.mark.parametrize("bench, flags, words", [
     ("pipeline", ["--chunks", "4"], "--chunks must be >= 6"),
     ("overlap", ["--chunks", "4"], "at least 8 chunks"),
+    ("record", ["--chunks", "2"], "--chunks must be >= 3"),
 ])
 def test_a_bench_refusing_its_sizes_ends_with_one_line_and_status_2(tmp_path, bench, flags, words):
     assert_one_line_error(ppstage(["bench", bench, *flags], tmp_path), "bench", 2, words)

@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 
 
-def _subparsers() -> dict:
-    parser = build_parser()
-    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    return dict(action.choices)
+def _subparsers(parser=None) -> dict:
+    """The subcommands of ``parser`` (default: ``ppstage``'s), by name; {} when it has none."""
+    parser = parser or build_parser()
+    action = next((a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"), None)
+    return dict(action.choices) if action else {}
 
 
 def _flags(parser) -> set[str]:
@@ -154,8 +155,12 @@ def test_every_command_and_flag_used_exists():
             if name in ("ppstage", "ppstage.cli") and i + 1 < len(tokens) and re.fullmatch(r"[a-z]+", tokens[i + 1]):
                 sub = tokens[i + 1]
                 assert sub in subs, (where, sub)
-                flags = _flags(subs[sub])
-                for flag in tokens[i + 2:]:
+                parser, rest = subs[sub], tokens[i + 2:]
+                nested = _subparsers(parser)  # `bench service`, `log inspect`: the flags are the nested one's
+                if nested and rest and rest[0] in nested:
+                    parser, rest = nested[rest[0]], rest[1:]
+                flags = _flags(parser)
+                for flag in rest:
                     if flag in ("|", ">", "&&", ";"):
                         break
                     if flag.startswith("--"):

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import msgspec
 
 from ppstage.bench.runs import run_once
+from ppstage.bench.targets import Target, all_met
 from ppstage.config import PPStageConfig
 
 CASES = ("stage0", "generator", "balanced")
@@ -55,6 +56,10 @@ class OverlapSweep(msgspec.Struct, frozen=True, kw_only=True):
     decoded_buffer_frames: int = 3
     timeout_s: float = 300.0
 
+    def __post_init__(self) -> None:
+        if self.chunks < 8:
+            raise ValueError("overlap needs at least 8 chunks (2 of warm-up)")
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "OverlapSweep":
         full = getattr(args, "full", False)
@@ -65,7 +70,7 @@ class OverlapSweep(msgspec.Struct, frozen=True, kw_only=True):
             chunks=args.chunks or 16,
             decode_ms=args.simulate_decode_ms,
             generator_ms=args.simulate_call_ms,
-            stages=(args.stages or [2])[0],
+            stages=args.stages or 2,
             timeout_s=args.timeout,
         )
 
@@ -102,6 +107,28 @@ class OverlapBenchResult(msgspec.Struct, frozen=True, kw_only=True):
     sweep: OverlapSweep
     cases: tuple[CaseResult, ...]
     skipped: tuple[str, ...] = ()
+
+    def targets(self) -> tuple[Target, ...]:
+        """One per R0a anchor-first case, beside its decode-first baseline (none without R0a)."""
+        out: list[Target] = []
+        for c in self.cases:
+            if c.schedule != "anchor-first":
+                continue
+            base = next(
+                (b for b in self.cases if b.schedule == "decode-first" and (b.case, b.depth) == (c.case, c.depth)),
+                None,
+            )
+            out.append(Target(
+                claim=f"target r0a {c.case} D={c.depth}: period {c.period_ms:.1f} <= {c.r0a_target_ms:.1f} ms "
+                      "(max stage + anchor decode + 10 %)",
+                met=c.period_ms <= c.r0a_target_ms,
+                note=f"; decode-first {base.period_ms:.1f} ms ({base.period_ms / c.period_ms:.2f}x)" if base else "",
+            ))
+        return tuple(out)
+
+    @property
+    def passed(self) -> bool:
+        return all_met(self.targets())
 
 
 def _costs(case: str, sweep: OverlapSweep) -> tuple[float, float]:
@@ -141,10 +168,9 @@ def _r0_report(config: PPStageConfig, workdir: Path) -> str | None:
 
 
 def run_overlap_bench(
-    sweep: OverlapSweep, *, progress: Callable[[str], None] | None = None
+    sweep: OverlapSweep, *, progress: Callable[[CaseResult], None] | None = None
 ) -> OverlapBenchResult:
-    if sweep.chunks < 8:
-        raise ValueError("overlap needs at least 8 chunks (2 of warm-up)")
+    """Run every case of ``sweep``; ``progress`` gets each row as its case ends."""
     workdir = Path(tempfile.mkdtemp(prefix="ppstage-overlap-"))
     out: list[CaseResult] = []
     skipped: list[str] = []
@@ -172,7 +198,7 @@ def run_overlap_bench(
                 )
                 out.append(row)
                 if progress is not None:
-                    progress(f"  {_row(row)}")
+                    progress(row)
     return OverlapBenchResult(sweep=sweep, cases=tuple(out), skipped=tuple(skipped))
 
 
@@ -182,7 +208,7 @@ _HEAD = (
 )
 
 
-def _row(c: CaseResult) -> str:
+def format_row(c: CaseResult) -> str:
     return (
         f"{c.mode:<4} {c.case:<9} {c.depth:>1} {c.schedule:<12} {c.period_ms:7.1f} {c.s0_ms:7.1f} {c.s1_ms:7.1f} "
         f"{c.per_max:6.2f} {c.per_sum:6.2f} {c.overlap_score:7.2f} {c.max_in_flight:>5} {c.max_decode_queue:>4} "
@@ -190,32 +216,29 @@ def _row(c: CaseResult) -> str:
     )
 
 
-def format_report(r: OverlapBenchResult) -> str:
-    sw = r.sweep
-    lines = [
-        "",
+def format_heading(sw: OverlapSweep) -> str:
+    """What the sweep runs, and the column header of its rows."""
+    return "\n".join([
         f"overlap: K={sw.stages}, {sw.chunks} chunks per case, decode {sw.decode_ms:g} ms, generator target "
         f"{sw.generator_ms if sw.generator_ms is not None else sw.decode_ms:g} ms (+ real compute), "
         f"decoded_buffer_frames={sw.decoded_buffer_frames}; times are medians in ms",
         "",
         _HEAD,
-        *(_row(c) for c in r.cases),
-    ]
-    targets = [c for c in r.cases if c.schedule == "anchor-first"]
-    if targets:
-        lines.append("")
-        for c in targets:
-            ok = c.period_ms <= c.r0a_target_ms
-            base = next(
-                (b for b in r.cases if b.schedule == "decode-first" and (b.case, b.depth) == (c.case, c.depth)), None
-            )
-            vs = f"; decode-first {base.period_ms:.1f} ms ({base.period_ms / c.period_ms:.2f}x)" if base else ""
-            lines.append(
-                f"target r0a {c.case} D={c.depth}: period {c.period_ms:.1f} <= {c.r0a_target_ms:.1f} ms "
-                f"(max stage + anchor decode + 10 %)  {'PASS' if ok else 'FAIL'}{vs}"
-            )
+    ])
+
+
+def format_verdicts(r: OverlapBenchResult) -> str:
+    """What follows the rows: the R0a targets and the cases skipped."""
+    targets = r.targets()
+    lines = ["", *(t.line() for t in targets)] if targets else []
     lines += [f"skipped: {s}" for s in r.skipped]
     return "\n".join(lines)
+
+
+def format_report(r: OverlapBenchResult) -> str:
+    """The whole report at once (the CLI prints the heading first and each row as its case ends)."""
+    verdicts = format_verdicts(r)
+    return "\n".join([format_heading(r.sweep), *(format_row(c) for c in r.cases), *([verdicts] if verdicts else [])])
 
 
 def write_png(r: OverlapBenchResult, path: str) -> str:

@@ -35,6 +35,8 @@ from datetime import timedelta
 
 import msgspec
 
+from ppstage.bench.targets import Target, all_met
+
 TARGET_RATIO = 0.9
 TARGET_ADDED_US = 150.0
 DEFAULT_SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
@@ -65,6 +67,25 @@ class SizeResult(msgspec.Struct, frozen=True, kw_only=True):
 class TransportBenchResult(msgspec.Struct, frozen=True, kw_only=True):
     sizes: tuple[SizeResult, ...]
     rounds: int
+
+    def targets(self) -> tuple[Target, ...]:
+        """The targets this run's sizes cover (none without a size >= 1 MiB or of 64 KiB)."""
+        out: list[Target] = []
+        big = [s for s in self.sizes if s.nbytes >= 1 << 20]
+        if big:
+            worst = min(s.framed_ratio for s in big)
+            out.append(Target(claim=f"target: framed >= {TARGET_RATIO:g} of raw throughput at >= 1 MiB: "
+                                    f"worst {worst:.2f}", met=worst >= TARGET_RATIO))
+        at64 = [s for s in self.sizes if s.nbytes == 64 << 10]
+        if at64:
+            added = at64[0].added_us
+            out.append(Target(claim=f"target: <= {TARGET_ADDED_US:g} us added per message at 64 KiB: {added:.1f} us",
+                              met=added <= TARGET_ADDED_US))
+        return tuple(out)
+
+    @property
+    def passed(self) -> bool:
+        return all_met(self.targets())
 
 
 def _iterations(nbytes: int, budget: int) -> int:
@@ -369,15 +390,6 @@ def format_report(r: TransportBenchResult) -> str:
             f"{_size(s.nbytes):>8}  {s.raw_us:9.1f}  {s.framed_us:9.1f}  {s.legacy_us:10.1f}  {s.hop_us:9.1f}  "
             f"{s.framed_ratio:15.2f}  {s.added_us:9.1f}  {s.hop_added_us:12.1f}  {s.nbytes / s.raw_us:9.0f}"
         )
-    big = [s for s in r.sizes if s.nbytes >= 1 << 20]
-    at64 = [s for s in r.sizes if s.nbytes == 64 << 10]
     lines.append("")
-    if big:
-        worst = min(s.framed_ratio for s in big)
-        verdict = "PASS" if worst >= TARGET_RATIO else "FAIL"
-        lines.append(f"target: framed >= {TARGET_RATIO:g} of raw throughput at >= 1 MiB: worst {worst:.2f}  {verdict}")
-    if at64:
-        added = at64[0].added_us
-        verdict = "PASS" if added <= TARGET_ADDED_US else "FAIL"
-        lines.append(f"target: <= {TARGET_ADDED_US:g} us added per message at 64 KiB: {added:.1f} us  {verdict}")
+    lines += [t.line() for t in r.targets()]
     return "\n".join(lines)
