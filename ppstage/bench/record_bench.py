@@ -60,7 +60,9 @@ def _run(config, out: Path, chunks: int, record: bool) -> dict:
         pipe.kill()
     summary = pipe.summary()
     if any(c != 0 for c in codes) or summary is None:
-        raise SystemExit(f"bench record: pipeline failed (exit codes {codes}); logs in {out}")
+        from ppstage.bench.runs import BenchRunFailed
+
+        raise BenchRunFailed(f"bench record: pipeline failed (exit codes {codes}); logs in {out}")
     events = [e for e in summary["events"] if e.get("outcome") == "emitted"][1:]  # skip the cold chunk
     gen = [max(e["stage_durations"]) for e in events if e.get("stage_durations")]
     periods = [b["received"] - a["received"] for a, b in zip(events, events[1:])]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ppstage.config import PPStageConfig
+from ppstage.errors import PPStageError
 
 # Short deadlines so a broken run fails in seconds; generous enough for a busy machine.
 BENCH_RUNTIME = {
@@ -17,8 +18,11 @@ BENCH_RUNTIME = {
 }
 
 
-class BenchRunFailed(RuntimeError):
-    pass
+class BenchRunFailed(PPStageError):
+    """A bench's pipeline run exited non-zero or left no summary (the message has each failed rank's log tail).
+
+    A ``PPStageError``: the CLI reports it as one typed line and exits 1.
+    """
 
 
 def run_once(config: PPStageConfig, chunks: int, *, timeout_s: float, out_dir: str | None = None) -> dict[str, Any]:
