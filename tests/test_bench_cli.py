@@ -57,7 +57,9 @@ def test_every_flag_is_refused_by_exactly_the_benches_the_table_leaves_out(capsy
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["transport", "--sizes", "0"], "argument --sizes: a size must be >= 1 byte"),
+    (["transport", "--sizes", "0"], "argument --sizes: a size must be a whole number of bytes >= 1"),
+    (["transport", "--sizes", "4KB"], "argument --sizes: not a size: '4KB' (a byte count or KiB"),
+    (["transport", "--sizes", "1.5"], "a size must be a whole number of bytes"),
     (["pipeline", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["overlap", "--stages", "2", "3"], "unrecognized arguments: 3"),  # overlap runs one K
 ])
@@ -190,5 +192,108 @@ def test_bench_overlap_prints_each_row_once_and_exits_1_on_a_missed_target_under
 
 
 def test_an_overlap_sweep_of_too_few_chunks_is_refused_when_built():
-    with pytest.raises(ValueError, match="at least 8 chunks"):
+    with pytest.raises(ValueError, match="--chunks must be >= 8"):
         ob.OverlapSweep(chunks=4)
+
+
+# -- sizes: what is measured is what the row says -------------------------------------------
+
+
+@pytest.mark.parametrize("text, nbytes", [
+    ("65536", 65536), ("4KiB", 4096), ("4kib", 4096), ("1.5KiB", 1536), ("1MiB", 1 << 20), ("2GiB", 2 << 30),
+])
+def test_a_size_is_a_byte_count_or_a_binary_multiple(text, nbytes):
+    from ppstage.cli.bench import _size
+
+    assert _size(text) == nbytes
+
+
+@pytest.mark.parametrize("text", ["4KB", "4kb", "1MB", "4k", "1.5", "0", "-1", "abc", "4 KiB B"])
+def test_an_ambiguous_or_fractional_size_is_refused(text):
+    import argparse
+
+    from ppstage.cli.bench import _size
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        _size(text)
+
+
+def test_a_row_label_is_the_exact_size_measured():
+    from ppstage.bench.transport_bench import _size as label
+
+    assert [label(n) for n in (4096, 1536, 1 << 20, 3 << 19, 256)] == ["4 KiB", "1536 B", "1 MiB", "1536 KiB", "256 B"]
+
+
+def test_the_transport_bench_refuses_a_size_it_would_round_before_starting_anything():
+    from ppstage.bench.transport_bench import run_transport_bench
+
+    with pytest.raises(ValueError, match=r"multiple of 256 bytes.*\[1000\]"):
+        run_transport_bench((4096, 1000), rounds=1)
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        run_transport_bench((4096,), rounds=0)
+
+
+# -- service: frames are counted over the phase's own window ----------------------------------
+
+
+def test_the_service_bench_counts_frames_in_the_phase_window_and_only_viewers_it_kept():
+    """A real aiohttp server emits one chunk (3 frames to every viewer) per tick and refuses a
+    third viewer with 503, as ``ppstage serve`` does above ``service.max_viewers``. Frames sent
+    while viewers connect (the bench's 1 s connect pause) are outside the phase; before the fix
+    they were counted, giving ~100 chunks' worth of frames too many."""
+    import asyncio
+    import os
+
+    import aiohttp
+    from aiohttp import web
+
+    from ppstage.bench.service_bench import _measure
+
+    async def scenario():
+        chunks = 0
+        sockets: list[web.WebSocketResponse] = []
+
+        async def status(request):
+            return web.json_response({"chunks_emitted": chunks})
+
+        async def frames(request):
+            if len(sockets) >= 2:
+                return web.Response(status=503, text="too many viewers")
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            sockets.append(ws)
+            async for _ in ws:
+                pass
+            return ws
+
+        async def ticker():
+            nonlocal chunks
+            while True:
+                await asyncio.sleep(0.01)
+                for ws in list(sockets):  # the frames of a chunk go out before it counts as emitted
+                    for _ in range(3):
+                        await ws.send_bytes(b"f")
+                chunks += 1
+
+        app = web.Application()
+        app.add_routes([web.get("/v1/status", status), web.get("/v1/frames", frames)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        tick = asyncio.ensure_future(ticker())
+        try:
+            async with aiohttp.ClientSession() as http:
+                return await _measure(http, f"http://127.0.0.1:{port}", os.getpid(), "3 viewers", 0.5, 3)
+        finally:
+            tick.cancel()
+            for ws in sockets:
+                await ws.close()
+            await runner.cleanup()
+
+    phase = asyncio.run(scenario())
+    assert phase.viewers == 2  # the refused one is not averaged in with 0 frames
+    assert phase.chunks > 0
+    # Status and frames are read at slightly different moments: a chunk or two either way.
+    assert abs(phase.frames_per_viewer - 3 * phase.chunks) <= 3 * 2, (phase.frames_per_viewer, phase.chunks)

@@ -219,7 +219,10 @@ def test_asking_for_cuda_where_torch_has_none_is_refused_before_any_rank_starts(
 
 @pytest.mark.parametrize("bench, flags, words", [
     ("pipeline", ["--chunks", "4"], "--chunks must be >= 6"),
-    ("overlap", ["--chunks", "4"], "at least 8 chunks"),
+    ("overlap", ["--chunks", "4"], "--chunks must be >= 8"),
+    ("overlap", ["--chunks", "8", "--png", "/nonexistent/x.png"], "folder /nonexistent does not exist"),
+    ("transport", ["--sizes", "1000"], "every size must be a multiple of 256 bytes"),
+    ("service", ["--viewers", "300"], "at most service.max_viewers = 256"),
     ("record", ["--chunks", "2"], "--chunks must be >= 3"),
 ])
 def test_a_bench_refusing_its_sizes_ends_with_one_line_and_status_2(tmp_path, bench, flags, words):
@@ -230,3 +233,10 @@ def test_a_bench_refusing_its_sizes_ends_with_one_line_and_status_2(tmp_path, be
 def test_an_event_after_the_last_chunk_is_refused_not_silently_dropped(tmp_path, command):
     proc = ppstage([command, "--chunks", "4", "--cut-at", "9"], tmp_path)
     assert_one_line_error(proc, command, 2, "--cut-at 9: beyond the run's 4 chunk(s)")
+
+
+def test_a_bench_run_past_its_timeout_is_one_typed_line_with_status_1(tmp_path):
+    """``--timeout`` kills the pipeline run; the bench says so in one line (was a traceback
+    ending in ``exit codes [None, None]``), and leaves no rank behind (the launcher reaps them)."""
+    proc = ppstage(["bench", "pipeline", "--stages", "1", "--chunks", "6", "--timeout", "0.5"], tmp_path)
+    assert_one_line_error(proc, "bench", 1, "timed out after 0.5 s (--timeout); every rank was killed")

@@ -58,7 +58,7 @@ class OverlapSweep(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if self.chunks < 8:
-            raise ValueError("overlap needs at least 8 chunks (2 of warm-up)")
+            raise ValueError(f"--chunks must be >= 8 (2 of them warm-up), got {self.chunks}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "OverlapSweep":

@@ -36,7 +36,12 @@ def run_once(config: PPStageConfig, chunks: int, *, timeout_s: float, out_dir: s
     finally:
         pipe.kill()
     result = pipe.summary()
+    if pipe.timed_out:
+        raise BenchRunFailed(
+            f"pipeline run of {chunks} chunk(s) timed out after {timeout_s:g} s (--timeout); every rank was "
+            f"killed, logs in {out}"
+        )
     if any(c != 0 for c in codes) or result is None:
         tails = "\n".join(f"--- rank {r} (exit {c}) ---\n{pipe.log_tail(r, 8)}" for r, c in enumerate(codes) if c != 0)
-        raise BenchRunFailed(f"pipeline run failed, exit codes {codes}\n{tails}")
+        raise BenchRunFailed(f"pipeline run failed, exit codes {codes}, logs in {out}\n{tails}")
     return result

@@ -40,6 +40,7 @@ from ppstage.bench.targets import Target, all_met
 TARGET_RATIO = 0.9
 TARGET_ADDED_US = 150.0
 DEFAULT_SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
+MESSAGE_ROW_BYTES = 64 * 4  # one row of the message tensor: 64 float32
 
 
 class SizeResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,7 +135,7 @@ def _run_rank(rank: int, port: int, sizes: list[int], rounds: int, budget: int) 
     out: dict[int, dict[str, float]] = {}
     for nbytes in sizes:
         n = _iterations(nbytes, budget)
-        tensor = torch.full((max(1, nbytes // 256), 64), float(rank))
+        tensor = torch.full((nbytes // MESSAGE_ROW_BYTES, 64), float(rank))
         raw_buf = torch.empty(tensor.numel() * 4, dtype=torch.uint8)
         framed = _FramedLink(framed_link, peer, tensor)
         legacy = _LegacyLink(legacy_link, peer, tensor)
@@ -327,8 +328,15 @@ def run_transport_bench(
     """Start two processes, measure every size, reap them; raise if either failed."""
     from ppstage.stages.launcher import free_port
 
-    if rounds < 1 or not sizes or min(sizes) < 256:
-        raise ValueError("rounds must be >= 1 and every size >= 256 bytes")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not sizes:
+        raise ValueError("no message size given")
+    # The message is a float32 tensor of rows of 64 values: whole rows of 256 bytes.
+    odd = [n for n in sizes if n < MESSAGE_ROW_BYTES or n % MESSAGE_ROW_BYTES]
+    if odd:
+        raise ValueError(f"every size must be a multiple of {MESSAGE_ROW_BYTES} bytes (rows of 64 float32), got {odd}")
+    sizes = tuple(dict.fromkeys(sizes))  # each size measured once, in the order given
     ctx = mp.get_context("spawn")
     port = free_port()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -370,7 +378,12 @@ def run_transport_bench(
 
 
 def _size(n: int) -> str:
-    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+    """The exact size: ``4 KiB``, ``1 MiB``, else the byte count (a label never rounds)."""
+    if n % (1 << 20) == 0:
+        return f"{n >> 20} MiB"
+    if n % (1 << 10) == 0:
+        return f"{n >> 10} KiB"
+    return f"{n} B"
 
 
 def format_report(r: TransportBenchResult) -> str:

@@ -34,17 +34,29 @@ EXIT_STATUS = ("Exit status: 0 when the bench ran, even if a target was missed (
                "1 with --strict when a target was missed; 2 for a flag or size the bench refuses.")
 
 
+_UNITS = {"": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = units.get(t[-1:], 1)
+    """A byte count: a plain integer or a binary multiple (``4KiB``, ``1MiB``, ``1.5KiB``).
+
+    ``kB`` / ``KB`` / ``MB`` are refused rather than guessed: the report's MB/s are
+    10^6 bytes, so a size in "KB" could mean 1000 or 1024.
+    """
+    t = text.strip()
+    num = t.rstrip("KMGkmgiIbB")
+    unit = t[len(num):].lower()
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"not a size: {text!r} (a byte count or KiB / MiB / GiB, e.g. 4KiB, 1MiB, 65536)"
+        )
     try:
-        value = int(float(t[:-1] if mult > 1 else t) * mult)
+        value = float(num) * _UNITS[unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4KiB, 1MiB, 65536)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a size must be >= 1 byte, got {text!r}")
-    return value
+    if value != int(value) or not 1 <= value:
+        raise argparse.ArgumentTypeError(f"a size must be a whole number of bytes >= 1, got {text!r}")
+    return int(value)
 
 
 class Use(NamedTuple):
@@ -205,6 +217,8 @@ def _overlap(args: argparse.Namespace) -> bool:
     from ppstage.bench import overlap_bench as ob
 
     sweep = ob.OverlapSweep.from_args(args)  # refuses its sizes before anything is printed
+    if args.png:  # refused now, not after a sweep of minutes
+        _check_png_path(args.png)
     # The heading first, then each row as its case ends (a full sweep takes minutes),
     # then only the verdicts: the rows are not printed a second time.
     print(ob.format_heading(sweep), flush=True)
@@ -215,6 +229,22 @@ def _overlap(args: argparse.Namespace) -> bool:
     if args.png:
         print(ob.write_png(result, args.png))
     return result.passed
+
+
+def _check_png_path(path: str) -> None:
+    """``ValueError`` unless a PNG can be written at ``path`` (matplotlib present, a writable folder)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--png needs matplotlib: pip install -e '.[bench]'")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--png {path}: is a folder, not a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--png {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--png {path}: folder {folder} is not writable")
 
 
 def _service(args: argparse.Namespace) -> bool:
