@@ -69,6 +69,9 @@ BAD_FLAGS = [
     ("replay", ["x.ppslog", "--bisect", "--inject", "stale"]),
     ("nosuchcommand", []),
     ("demo", ["--no-such-flag"]),
+    ("demo", ["--timeout", "inf"]),
+    ("plan", ["--cut-at", "0"]),
+    ("bench", ["transport", "--no-such-flag"]),
 ]
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -240,3 +243,27 @@ def test_a_bench_run_past_its_timeout_is_one_typed_line_with_status_1(tmp_path):
     ending in ``exit codes [None, None]``), and leaves no rank behind (the launcher reaps them)."""
     proc = ppstage(["bench", "pipeline", "--stages", "1", "--chunks", "6", "--timeout", "0.5"], tmp_path)
     assert_one_line_error(proc, "bench", 1, "timed out after 0.5 s (--timeout); every rank was killed")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["demo", "--timeout", "inf"], "argument --timeout: must be a finite number, got inf"),
+    (["demo", "--simulate-call-ms", "nan"], "argument --simulate-call-ms: must be a finite number, got nan"),
+    (["soak", "--max-delay-ms=-inf"], "argument --max-delay-ms: must be a finite number, got -inf"),
+    (["plan", "--cut-at", "0"], "argument --cut-at: chunk 0 always starts with a fresh cache"),
+    (["demo", "--cut-at", "0"], "argument --cut-at: chunk 0 always starts with a fresh cache"),
+    (["reference", "--cut-at", "0"], "argument --cut-at: chunk 0 always starts with a fresh cache"),
+    (["quality", "--cut-at", "0"], "argument --cut-at: chunk 0 always starts with a fresh cache"),
+    (["launch", "--config", "x.toml", "--cut-at", "0"], "argument --cut-at: chunk 0 always starts with a fresh cache"),
+])
+def test_a_flag_value_that_is_not_finite_or_would_do_nothing_is_refused_by_name(capsys, argv, words):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"ppstage {argv[0]}: error: ") and words in last, last
+
+
+@pytest.mark.parametrize("command", ["demo", "plan", "reference"])
+def test_two_prompts_at_one_chunk_are_refused_not_silently_dropped(tmp_path, command):
+    proc = ppstage([command, "--chunks", "4", "--prompt-at", "1:a fox", "--prompt-at", "1:a wolf"], tmp_path)
+    assert_one_line_error(proc, command, 2, "--prompt-at 1: given twice ('a fox', 'a wolf')")

@@ -80,6 +80,7 @@ def test_a_run_with_fewer_than_two_emitted_chunks_has_no_period_and_prints_n_a()
         assert s.median_period_ms is None and s.loop_cpu_pct_of_period is None
         text = format_summary(msgspec.to_builtins(s), None, stages=2, tp=1, mode="r0a")
         assert "median period                       n/a" in text
+        assert "frames/s                            n/a" in text  # a rate needs two emitted chunks, not 0.0
         assert "period / slower stage               n/a" in text and "0.0 ms" not in text.split("median stage")[0]
 
 
@@ -92,3 +93,4 @@ def test_the_live_progress_has_no_period_before_the_second_chunk():
     stats = StreamStats(frames_per_chunk=3)
     stats.add({"chunk_index": 0, "outcome": "emitted", "emitted": 1.0})
     assert stats.median_period_ms is None and "median period    n/a" in stats.describe()
+    assert stats.describe().startswith("   n/a frames/s")

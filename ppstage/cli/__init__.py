@@ -35,9 +35,25 @@ def _error_classes() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseEx
     return usage, runtime
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: it refuses the words it does not know itself, with its own usage.
+
+    A plain sub-parser hands them back to the top parser, whose error prints
+    ``usage: ppstage [-h] {demo,...}``, which names no flag of the command.
+    Nested sub-parsers (``ppstage log inspect``) inherit the class, so the
+    deepest parser that saw an unknown word names it.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")  # exits 2
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppstage", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"ppstage.cli.{name}")

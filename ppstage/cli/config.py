@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ppstage.cli.args import positive_int
+from ppstage.cli.args import config_from_args, positive_int
 
 HELP = ("print a complete TOML config, e.g. `ppstage config --stages 4 > pipeline.toml` for ppstage launch; "
         "--keys lists every key with its type, default and meaning")
+# Flags that override the config's key when given.
+CONFIG_FLAGS = {"stages": "topology.stages", "tp": "topology.tp", "mode": "recompute.mode",
+                "backend": "topology.backend"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,12 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.keys:
         return _keys()
-    from ppstage.config import PPStageConfig
-
-    keys = {"stages": "topology.stages", "tp": "topology.tp", "mode": "recompute.mode", "backend": "topology.backend"}
-    overrides = {key: getattr(args, name) for name, key in keys.items() if getattr(args, name) is not None}
-    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
-    cfg = cfg.with_overrides(overrides)  # a ConfigError ends at the CLI boundary (exit 2)
+    cfg = config_from_args(args, CONFIG_FLAGS)  # a ConfigError ends at the CLI boundary (exit 2)
     from ppstage.model.loader import load_backend
 
     load_backend(cfg)  # print only a config every rank can run

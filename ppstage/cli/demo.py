@@ -8,20 +8,38 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ppstage.cli.args import non_negative_float, non_negative_int, positive_float, positive_int, prompt_at, text
+from ppstage.cli.args import (
+    config_from_args,
+    cut_chunk,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    prompt_at,
+    text,
+)
 
 TP_TOLERANCE = 1e-4
 HELP = "run a local pipeline (rank 0 + generator stages, gloo) and check every chunk against the reference"
 LOG_TAIL_LINES = 12
+# Flags that override the config's key when given (default None: the config's value).
+CONFIG_FLAGS = {
+    "stages": "topology.stages",
+    "tp": "topology.tp",
+    "mode": "recompute.mode",
+    "r0_quality_report": "recompute.r0_quality_report",
+    "simulate_decode_ms": "runtime.simulated_decode_ms",
+    "simulate_call_ms": "runtime.simulated_call_ms",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stages", type=positive_int, default=2, help="generator stages K")
-    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree M inside each stage")
+    p.add_argument("--stages", type=positive_int, default=None, help="generator stages K (default: config's, 2)")
+    p.add_argument("--tp", type=positive_int, default=None,
+                   help="tensor-parallel degree M inside each stage (default: config's, 1)")
     p.add_argument("--chunks", type=positive_int, default=12)
     p.add_argument("--mode", choices=("r1", "r0a", "r0"), default=None, help="recompute mode (default: config's, r0a)")
     p.add_argument("--prompt", type=text, default=None)
-    p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
+    p.add_argument("--cut-at", type=cut_chunk, action="append", default=[], metavar="K")
     p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--config", default=None, help="TOML config file")
     p.add_argument("--simulate-decode-ms", type=non_negative_float, default=None, help="added stage-0 cost per decode")
@@ -63,26 +81,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, stop) -> int:
-    from ppstage.config import PPStageConfig
-
     # User errors (config, backend, R0 gate) raise ConfigError: exit 2 at the CLI boundary.
-    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()  # before torch: fast
+    cfg = config_from_args(args, CONFIG_FLAGS)  # before torch: fast
     from ppstage.cli.launch import script_from_args
     from ppstage.cli.output import is_terminal
     from ppstage.model.loader import load_backend
     from ppstage.model.quality import check_quality_report, check_rebase_quality_report
     from ppstage.stages.launcher import start_pipeline
 
-    overrides: dict[str, object] = {"topology.stages": args.stages, "topology.tp": args.tp}
-    if args.mode:
-        overrides["recompute.mode"] = args.mode
-    if args.r0_quality_report:
-        overrides["recompute.r0_quality_report"] = args.r0_quality_report
-    if args.simulate_decode_ms is not None:
-        overrides["runtime.simulated_decode_ms"] = args.simulate_decode_ms
-    if args.simulate_call_ms is not None:
-        overrides["runtime.simulated_call_ms"] = args.simulate_call_ms
-    cfg = cfg.with_overrides(overrides)
     load_backend(cfg)
     from ppstage.distributed.devices import require_device
 

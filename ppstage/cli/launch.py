@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ppstage.cli.args import non_negative_int, pause_at, positive_int, prompt_at, text
+from ppstage.cli.args import cut_chunk, pause_at, positive_int, prompt_at, text
 from ppstage.cli.plan import script_from_args  # one definition, shared by demo, launch, plan, reference
 
 HELP = "run this process's rank of the pipeline (reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="TOML config file (identical on every rank)")
     p.add_argument("--chunks", type=positive_int, default=12, help="chunks rank 0 plans before shutting down")
     p.add_argument("--prompt", type=text, default=None)
-    p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
+    p.add_argument("--cut-at", type=cut_chunk, action="append", default=[], metavar="K")
     p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--script", default=None, metavar="JSON",
                    help="a StreamScript as JSON (cuts, prompts, biases by chunk); replaces the flags above")
@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     # Every check here runs before any collective, so a bad config or
     # environment ends every rank the same way (exit 2, one line, no hang).
     config = PPStageConfig.from_toml(args.config)  # before importing torch: a bad file fails fast
+    script = script_from_args(args)  # a bad --cut-at / --prompt-at too, even outside torchrun
     from ppstage.model.loader import load_backend
     from ppstage.model.quality import check_quality_report, check_rebase_quality_report
     from ppstage.stages.process import RankOptions, exit_process, run_rank
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         world_size=world,
         master_addr=None,  # env:// (MASTER_ADDR / MASTER_PORT), as torchrun sets them
         chunks=args.chunks,
-        script=script_from_args(args),
+        script=script,
         summary_out=args.summary_out,
         latents_out=args.latents_out,
         chunks_out=args.chunks_out,

@@ -4,46 +4,55 @@ from __future__ import annotations
 
 import argparse
 
-from ppstage.cli.args import non_negative_int, positive_int, prompt_at, text
+from ppstage.cli.args import config_from_args, cut_chunk, positive_int, prompt_at, text
 
 HELP = "print the lifecycle plan of a scripted stream (no model, no processes)"
+CONFIG_FLAGS = {"mode": "recompute.mode"}  # given flags override the config's key
 COLUMNS = ("chunk", "call", "epoch", "start", "init", "xattn", "recompute", "calls", "context", "source", "offset", "prompt")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=positive_int, default=8)
-    p.add_argument("--mode", choices=("r1", "r0a", "r0"), default="r0a")
-    p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
+    p.add_argument("--mode", choices=("r1", "r0a", "r0"), default=None, help="recompute mode (default: config's, r0a)")
+    p.add_argument("--cut-at", type=cut_chunk, action="append", default=[], metavar="K")
     p.add_argument("--prompt", type=text, default="a red fox running through snow")
     p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--config", default=None, help="TOML config file")
 
 
 def parse_prompt_at(values: list[str]) -> dict[int, str]:
-    """``--prompt-at K:TEXT`` values (checked by the argparse type) as ``{chunk: prompt}``."""
-    return {int(k): prompt for k, _, prompt in (v.partition(":") for v in values)}
+    """``--prompt-at K:TEXT`` values (checked by the argparse type) as ``{chunk: prompt}``.
+
+    Raises ``ConfigError`` for two prompts at one chunk: one of them would silently never be used.
+    """
+    prompts: dict[int, str] = {}
+    for k, _, prompt in (v.partition(":") for v in values):
+        if int(k) in prompts:
+            from ppstage.config import ConfigError
+
+            raise ConfigError(f"--prompt-at {int(k)}: given twice ({prompts[int(k)]!r}, {prompt!r}); "
+                              "one prompt per chunk")
+        prompts[int(k)] = prompt
+    return prompts
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppstage.config import PPStageConfig
     from ppstage.cli.output import console, is_terminal, table
     from ppstage.core.planner import HardCut, Planner, PromptUpdate, StreamStart
 
-    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
-    cfg = cfg.with_overrides({"recompute.mode": args.mode})
+    cfg = config_from_args(args, CONFIG_FLAGS)
     from ppstage.model.loader import load_backend
 
     load_backend(cfg)  # no model runs here, but a config naming an unknown backend is still refused
-    script_from_args(args)  # refuses a --cut-at / --prompt-at beyond the last chunk
-    prompts = parse_prompt_at(args.prompt_at)
+    script = script_from_args(args)  # refuses a --cut-at / --prompt-at beyond the last chunk, or twice at one
     planner = Planner(cfg)
     planner.submit(StreamStart(args.prompt))
     rows = []
     for k in range(args.chunks):
-        if k in args.cut_at:
+        if k in script.cut_at:
             planner.submit(HardCut())
-        if k in prompts:
-            planner.submit(PromptUpdate(prompts[k]))
+        if k in script.prompt_at:
+            planner.submit(PromptUpdate(script.prompt_at[k]))
         p = planner.next_chunk()
         rows.append((
             p.chunk_index,
@@ -74,7 +83,7 @@ def script_from_args(args: argparse.Namespace):
     """The stream's events (``StreamScript``) from the flags, or from ``--script`` (``ppstage soak``).
 
     Raises ``ConfigError`` for a ``--cut-at`` / ``--prompt-at`` at or past
-    ``--chunks``: it would silently never happen.
+    ``--chunks``, or two ``--prompt-at`` at one chunk: it would silently never happen.
     """
     from ppstage.model.reference import DEFAULT_PROMPT, StreamScript
 

@@ -52,7 +52,8 @@ class StreamStats:
     def describe(self) -> str:
         period = self.median_period_ms
         shown = "   n/a" if period is None else f"{period:6.1f} ms"
-        return f"{self.frames_per_s:6.1f} frames/s  median period {shown}  dropped {self.dropped}"
+        rate = f"{self.frames_per_s:6.1f}" if self.frames_per_s > 0 else "   n/a"  # a rate needs two chunks
+        return f"{rate} frames/s  median period {shown}  dropped {self.dropped}"
 
 
 class StreamTail:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ppstage.cli.args import non_negative_float, non_negative_int, positive_int, prompt_at, text
+from ppstage.cli.args import cut_chunk, non_negative_float, positive_int, prompt_at, text
 
 HELP = (
     "compare decoded frames of two recompute modes, or (--rebase) a re-basing stream against an "
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="minimum per-chunk PSNR to PASS (default 35 dB)")
     p.add_argument("--out", default="out/quality.json", help="report JSON path")
     p.add_argument("--prompt", type=text, default=None)
-    p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
+    p.add_argument("--cut-at", type=cut_chunk, action="append", default=[], metavar="K")
     p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--config", default=None, help="TOML config file")
     p.add_argument("--threads", type=positive_int, default=1)

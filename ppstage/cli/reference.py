@@ -6,40 +6,36 @@ import argparse
 
 from ppstage.cli.plan import script_from_args  # re-exported for ppstage.cli.quality
 
-from ppstage.cli.args import non_negative_int, positive_int, prompt_at, text
+from ppstage.cli.args import config_from_args, cut_chunk, positive_int, prompt_at, text
 
 HELP = "run the single-process reference model (R1/R0a/R0); write digests JSON and a contact sheet"
+CONFIG_FLAGS = {"mode": "recompute.mode"}  # given flags override the config's key
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=positive_int, default=8)
     p.add_argument("--mode", choices=("r1", "r0a", "r0"), default=None, help="default: the config's")
     p.add_argument("--prompt", type=text, default=None, help="stream prompt (default: the reference's)")
-    p.add_argument("--cut-at", type=non_negative_int, action="append", default=[], metavar="K")
+    p.add_argument("--cut-at", type=cut_chunk, action="append", default=[], metavar="K")
     p.add_argument("--prompt-at", type=prompt_at, action="append", default=[], metavar="K:TEXT")
     p.add_argument("--out", default="out/reference", help="output directory")
     p.add_argument("--config", default=None, help="TOML config file")
     p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (timings: 1)")
 
 
-
-
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from ppstage.config import PPStageConfig
     from ppstage.cli.output import console, is_terminal, table
 
-    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()  # before torch: fast errors
+    cfg = config_from_args(args, CONFIG_FLAGS)  # before torch: fast errors
     import torch
 
     from ppstage.distributed.devices import reference_device
     from ppstage.model.reference import contact_sheet, median_model_ms, run_reference, write_png
 
     torch.set_num_threads(args.threads)
-    if args.mode:
-        cfg = cfg.with_overrides({"recompute.mode": args.mode})
     # On the device the config's generator ranks use, so the digests match theirs bitwise.
     records = run_reference(cfg, args.chunks, script_from_args(args), device=reference_device(cfg))
 

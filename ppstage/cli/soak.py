@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from ppstage.cli.args import non_negative_float, non_negative_int, positive_float, positive_int
+from ppstage.cli.args import config_from_args, non_negative_float, non_negative_int, positive_float, positive_int
 
 HELP = ("soak a local pipeline: random cuts, prompt and bias changes and delays for N chunks; "
         "reports stale and out-of-order emissions, drops, queue depths and per-rank RSS growth")
+# Flags that override the config's key when given (default None: the config's value).
+CONFIG_FLAGS = {"stages": "topology.stages", "tp": "topology.tp", "mode": "recompute.mode"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=positive_int, default=2000)
     p.add_argument("--seed", type=int, default=0, help="seed of the random stream")
-    p.add_argument("--stages", type=positive_int, default=2)
-    p.add_argument("--tp", type=positive_int, default=1)
+    p.add_argument("--stages", type=positive_int, default=None, help="generator stages (default: config's, 2)")
+    p.add_argument("--tp", type=positive_int, default=None, help="tensor-parallel degree (default: config's, 1)")
     p.add_argument("--mode", choices=("r1", "r0a"), default=None, help="recompute mode (default: config's)")
     p.add_argument("--config", default=None, help="TOML config file")
     p.add_argument("--warmup-chunks", type=non_negative_int, default=None, help="RSS baseline after this many (default N/10, >= 20)")
@@ -26,14 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppstage.config import ConfigError, PPStageConfig
+    from ppstage.config import ConfigError
 
     # A bad config raises ConfigError: one line and exit 2 at the CLI boundary.
-    cfg = PPStageConfig.from_toml(args.config) if args.config else PPStageConfig()
-    overrides: dict[str, object] = {"topology.stages": args.stages, "topology.tp": args.tp}
-    if args.mode:
-        overrides["recompute.mode"] = args.mode
-    cfg = cfg.with_overrides(overrides)
+    cfg = config_from_args(args, CONFIG_FLAGS)
     warmup = args.warmup_chunks if args.warmup_chunks is not None else min(max(20, args.chunks // 10), args.chunks // 2)
     if not 0 < warmup < args.chunks:
         # RSS growth is measured from the end of the warm-up: it must end inside the run.

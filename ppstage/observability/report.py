@@ -105,7 +105,8 @@ def summary_rows(
     rows = [
         ("topology", f"rank 0 + {stages} stage(s) x tp {tp}, mode {mode}"),
         ("chunks emitted / planned", f"{s['chunks_emitted']} / {s['chunks_planned']}"),
-        ("frames/s", f"{s['frames_per_s']:.1f}"),
+        # A rate needs two emitted chunks (first to last); with fewer it is undefined, not 0.
+        ("frames/s", f"{s['frames_per_s']:.1f}" if s["chunks_emitted"] > 1 and s["frames_per_s"] > 0 else "n/a"),
         ("median period", _ms(s["median_period_ms"])),
         ("median stage-0 time (build+decode)", _ms(s["median_s0_ms"] if s["chunks_emitted"] else None)),
         ("median generator time", _ms(s["median_s1_ms"] if s["chunks_emitted"] else None)),
