@@ -23,7 +23,8 @@ class ChunkError(Exception):
         What went wrong, as one line (kept as ``reason``).
     chunk : ChunkId, optional
         The identity of the message or call concerned, when known; ``str()``
-        appends it.
+        appends it, once: a reason that already ends with it (a remote stage's
+        error text, wrapped by the rank that received it) is not given it again.
     """
 
     def __init__(self, message: str, *, chunk: ChunkId | None = None) -> None:
@@ -44,7 +45,10 @@ class ChunkError(Exception):
         return None if self.chunk is None else self.chunk.cache_epoch
 
     def __str__(self) -> str:
-        return self.reason if self.chunk is None else f"{self.reason} ({self.chunk})"
+        if self.chunk is None:
+            return self.reason
+        suffix = f" ({self.chunk})"
+        return self.reason if self.reason.endswith(suffix) else self.reason + suffix
 
 
 class ProtocolError(ChunkError):

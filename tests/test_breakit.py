@@ -320,11 +320,81 @@ def test_b16_a_step_list_change_makes_the_next_chunk_cold_again():
     keys = [(1000, 500), (1000, 500), (1000, 750, 500), (1000, 750, 500)]
     assert [w.enter(k) for k in keys] == [True, False, True, False]
     d = PhaseDeadline("decode", minimum_s=1.0, factor=10.0, warmup_s=30.0)
-    d.observe(25.0, cold=True)  # a slow cold sample never loosens the steady deadline
-    assert d.deadline_s() == 1.0 and d.deadline_s(cold=True) == 30.0
+    d.observe(25.0, cold=True)  # a slow cold sample stands in only until a steady one is known
+    assert d.deadline_s() == 30.0 and d.deadline_s(cold=True) == 30.0
     for _ in range(5):
         d.observe(0.2)
     assert d.deadline_s() == pytest.approx(2.0)
+    d.observe(25.0, cold=True)  # the next cold chunk: the steady deadline stays its own
+    assert d.deadline_s() == pytest.approx(2.0) and d.deadline_s(cold=True) == 30.0
+
+
+@pytest.mark.timeout(60)
+def test_b16_the_first_warm_chunk_after_a_slow_cold_one_is_no_false_alarm(tmp_path):
+    # 0.7 s per generator call, above the 0.5 s phase floor: the first warm chunk has
+    # no steady history yet, and took the floor (PhaseStalled at its first call);
+    # its result, owed ~2.8 s, took the 1.5 s result floor. Both now stand on the
+    # cold chunk's durations until steady ones are known.
+    cfg = config(stages=1, **{"runtime.simulated_call_ms": 700.0, "liveness.phase_deadline_min_s": 0.5,
+                              "runtime.result_deadline_min_s": 1.5})
+    r = run(tmp_path, cfg, chunks=2)
+    assert r.codes == [0, 0], (r.error, r.tails())
+    assert r.emitted_match_reference() == 2
+
+
+# -- the end of the stream: bounded by the result and phase deadlines, not by a stop's drain deadline --
+
+
+@pytest.mark.timeout(60)
+def test_an_end_of_stream_wait_longer_than_the_drain_deadline_is_no_stop_and_exits_zero(tmp_path):
+    # The last chunk's ~2.8 s of generator calls are still owed when the producer is
+    # done; runtime.drain_deadline_s (1 s) bounds a stop, not the normal end.
+    cfg = config(stages=1, **{"runtime.simulated_call_ms": 700.0, "runtime.drain_deadline_s": 1.0})
+    r = run(tmp_path, cfg, chunks=1)
+    assert r.codes == [0, 0], (r.error, r.tails())
+    assert "drain missed" not in r.log(0)
+    assert r.emitted_match_reference() == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind, rank, overrides, words", [
+    ("stall_decode", 0, {}, "PhaseStalled: rank 0 decode of chunk 3 exceeded 2.0 s"),
+    ("stall_generator_call", 1, {"liveness.phase_deadline_min_s": 30.0},
+     "PhaseStalled: rank 0 got no result from the pipeline (last stage leader rank 1) within 4.0 s"),
+])
+def test_a_stall_of_the_last_chunk_during_the_end_of_stream_wait_is_caught_by_its_deadline(
+    tmp_path, kind, rank, overrides, words
+):
+    # The producer is done when the last chunk stalls: the watchdog tick keeps checking the
+    # owed result and rank 0's decode while rank 0 waits, with a drain deadline out of reach.
+    cfg = config(drill(kind, rank, 3, ms=20000), stages=1, **{"runtime.drain_deadline_s": 60.0, **overrides})
+    r = run(tmp_path, cfg, chunks=4)
+    all_failed(r)
+    assert words in r.error, r.error
+    assert r.seconds_to_exit() < 10.0  # the phase's deadline, not the stall's 20 s nor the 60 s drain
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_during_the_end_of_stream_wait_is_bounded_by_the_drain_deadline_from_the_stop(tmp_path):
+    # Both chunks are sent; chunk 1 (~6 s of generator calls) is still owed when rank 0
+    # gets SIGTERM: from then on its drain may take 1 s, and it reports that it missed it.
+    cfg = config(stages=1, **{"runtime.simulated_call_ms": 1500.0, "runtime.drain_deadline_s": 1.0})
+    pipe = start_pipeline(cfg, tmp_path / "run", chunks=2, launch_args=["--quiet"])
+    try:
+        end = time.monotonic() + 40.0
+        while not (pipe.out_dir / "latents" / "chunk0.f32").exists():  # chunk 0's result is in
+            assert time.monotonic() < end and all(p.poll() is None for p in pipe.procs), pipe.log_tail(0)
+            time.sleep(0.05)
+        stopped = time.monotonic()
+        pipe.signal_rank0(signal.SIGTERM)
+        codes = pipe.wait(30.0, grace_s=10.0)
+        exited = time.monotonic() - stopped
+    finally:
+        pipe.kill()
+    assert all(c not in (0, None) for c in codes), (codes, pipe.log_tail(0))
+    error = (pipe.summary() or {}).get("error") or ""
+    assert error.startswith("WatchdogExpired: drain missed its 1.0s deadline: 1 result(s) in flight"), error
+    assert exited < 4.5, exited  # the 1 s drain deadline, not chunk 1's remaining ~6 s
 
 
 # -- B17: the launcher of the ranks dies ---------------------------------------------------------------

@@ -210,6 +210,23 @@ def test_error_result_is_a_remote_stage_error():
     assert s.gate.in_flight() == 1  # the head stays owed: nothing after it may be accepted
 
 
+def test_a_remote_error_that_already_names_its_chunk_names_it_once():
+    # The last stage's text ends with the ids of the chunk it failed on (its own
+    # ChunkError's str()); rank 0's RemoteStageError for the same chunk adds nothing.
+    s = Stream()
+    p0 = s.send()
+    ids = f"(call_id={p0.call_id}, chunk_index={p0.chunk_index}, cache_epoch={p0.cache_epoch})"
+    remote = f"stage 1 (rank 1): PhaseStalled: rank 1 (stage 1) generator call exceeded 3.0 s {ids}"
+    with pytest.raises(RemoteStageError) as info:
+        s.gate.admit(result_for(p0, ok=False, error=remote, tensors=()))
+    assert str(info.value) == f"stage error: {remote}"
+    assert str(info.value).count("call_id=") == 1
+    plain = result_for(p0, ok=False, error="out of memory", tensors=())
+    with pytest.raises(RemoteStageError) as info:
+        s.gate.admit(plain)
+    assert str(info.value) == f"stage error: out of memory {ids}"  # a reason without ids gets them
+
+
 @pytest.mark.parametrize("observed", [0, 3, 5])
 def test_call_count_mismatch_is_refused(observed):
     s = Stream()

@@ -58,10 +58,16 @@ KEY_DOCS: dict[str, str] = {
     "runtime.startup_timeout_s": "bound on the rendezvous and the parity handshake (ranks may start apart)",
     "runtime.pg_timeout_s": "bound on every later collective and started frame",
     "runtime.result_deadline_min_s": "floor of rank 0's per-chunk result deadline",
-    "runtime.result_deadline_factor": "result deadline = factor * median chunk period (at least the floor)",
+    "runtime.result_deadline_factor": (
+        "result deadline = factor * median chunk period (at least the floor); until a steady period is "
+        "known, factor * the cold chunk's owed time (at most warm-up + floor)"
+    ),
     "runtime.stage_idle_deadline_s": "a stage leader waiting this long for any message fails (rank 0 sends keepalives)",
     "runtime.keepalive_interval_s": "rank 0's NOOP interval while idle (< stage_idle_deadline_s)",
-    "runtime.drain_deadline_s": "time a stop may take to drain before ranks are ended",
+    "runtime.drain_deadline_s": (
+        "time a stop (SIGTERM, SIGINT, service shutdown) may take to drain before ranks are ended; "
+        "the planned end of a stream waits on the result and phase deadlines only"
+    ),
     "runtime.simulated_decode_ms": "extra decode cost per chunk on rank 0 (benchmarks, tests)",
     "runtime.simulated_call_ms": "extra cost per generator call (benchmarks, tests)",
     "runtime.debug_extra_collective": "one more mesh all_reduce per chunk (tp > 1; parity-checked)",
@@ -85,7 +91,10 @@ KEY_DOCS: dict[str, str] = {
     "record.flight_records": "recent records each rank keeps in memory and writes out when it fails",
     # [liveness]
     "liveness.phase_deadline_min_s": "floor of a phase's deadline (keep below runtime.result_deadline_min_s)",
-    "liveness.phase_deadline_factor": "phase deadline = factor * median of that phase's recent durations",
+    "liveness.phase_deadline_factor": (
+        "phase deadline = factor * median of that phase's recent durations; until steady ones are known, "
+        "of the cold chunk's (at most warmup_deadline_s)"
+    ),
     "liveness.warmup_deadline_s": "deadline of every phase on a cold chunk (first, or after a geometry change)",
     # [[faults.drill]]
     "faults.drill": "fault drills for the break-it suite (none in production); one [[faults.drill]] each",

@@ -214,6 +214,8 @@ class RuntimeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     result_deadline_factor: Annotated[float, Meta(ge=1, le=1_000)] = 10.0
     stage_idle_deadline_s: Seconds = 6.0
     keepalive_interval_s: Seconds = 1.0
+    # Bounds a stop's drain (SIGTERM, SIGINT, service shutdown), not the planned end of a
+    # stream: that waits on the result and phase deadlines, which name who stalled.
     drain_deadline_s: Seconds = 10.0
     simulated_decode_ms: Millis = 0.0
     simulated_call_ms: Millis = 0.0
@@ -288,6 +290,9 @@ class LivenessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     of recent durations of that phase. A cold chunk (the first of a run, the
     first after a step-list or geometry change) gets ``warmup_deadline_s``
     instead, for every phase and for hop waits and rank 0's result deadline.
+    Its durations stay out of the steady history, but until a steady duration
+    is known (the first warm chunk) factor x median of the cold ones stands in,
+    capped at ``warmup_deadline_s``.
     Keep ``phase_deadline_min_s`` below ``runtime.result_deadline_min_s`` so the
     rank that stalled names itself before rank 0's generic result deadline fires.
     """

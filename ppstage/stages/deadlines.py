@@ -8,8 +8,16 @@ Two regimes (SPEC section 7, B16):
   minute timeout;
 - **cold**: the first chunk of a run, and the first chunk after a step-list or
   geometry change (warm-up, compilation, allocator growth) get the separate
-  ``warmup_s`` deadline, and their durations are kept out of the history (one
-  slow cold sample must not loosen the steady deadline).
+  ``warmup_s`` deadline, and their durations are kept out of the steady history
+  (one slow cold sample must not loosen the steady deadline).
+
+Between the two, a steady chunk that comes before any steady duration is known
+(the first warm chunk) would get the bare ``minimum``, although the cold chunk
+just showed what the phase costs. Until the first steady duration arrives, the
+steady deadline falls back to ``factor x median`` of the cold durations, capped
+at ``warmup_s`` (a warm chunk never gets more than a cold one) and never below
+``minimum``. A cold duration includes the warm-up, so this over-estimates:
+generous for one chunk, then the steady history replaces it.
 """
 
 from __future__ import annotations
@@ -18,26 +26,53 @@ from statistics import median
 from typing import Hashable
 
 
+class _History:
+    """Recent steady and cold durations of one deadline, and the steady limit they give."""
+
+    __slots__ = ("minimum_s", "factor", "cap_s", "_window", "_steady", "_cold")
+
+    def __init__(self, *, minimum_s: float, factor: float, cap_s: float, window: int) -> None:
+        self.minimum_s = minimum_s
+        self.factor = factor
+        self.cap_s = cap_s  # bound of the cold fallback (the warm-up deadline); 0: no fallback
+        self._window = window
+        self._steady: list[float] = []
+        self._cold: list[float] = []
+
+    def observe(self, seconds: float, cold: bool) -> None:
+        durations = self._cold if cold else self._steady
+        durations.append(seconds)
+        del durations[: -self._window]
+
+    def steady_s(self) -> float:
+        if self._steady:
+            return max(self.minimum_s, self.factor * median(self._steady))
+        if self._cold and self.cap_s > 0:
+            return max(self.minimum_s, min(self.factor * median(self._cold), self.cap_s))
+        return self.minimum_s
+
+
 class ResultDeadline:
     """Rank 0's deadline for the next owed result, derived from recent chunk times.
 
     deadline = max(minimum, factor x median of the last ``window`` chunk
     periods); ``warmup_s`` (if given) is the floor while the owed chunk is cold.
+    Until a steady period is known, ``factor x median`` of the cold chunks'
+    owed times stands in for it (capped at ``warmup_s``; no fallback without it).
     """
 
     def __init__(self, *, minimum_s: float, factor: float, window: int = 16, warmup_s: float = 0.0) -> None:
         self.minimum_s = minimum_s
         self.factor = factor
         self.warmup_s = warmup_s
-        self._periods: list[float] = []
-        self._window = window
+        self._history = _History(minimum_s=minimum_s, factor=factor, cap_s=warmup_s, window=window)
 
-    def observe(self, period_s: float) -> None:
-        self._periods.append(period_s)
-        del self._periods[: -self._window]
+    def observe(self, period_s: float, *, cold: bool = False) -> None:
+        """Record a steady chunk period, or (``cold``) how long a cold chunk's result was owed."""
+        self._history.observe(period_s, cold)
 
     def deadline_s(self, cold: bool = False) -> float:
-        steady = self.minimum_s if not self._periods else max(self.minimum_s, self.factor * median(self._periods))
+        steady = self._history.steady_s()
         return max(steady, self.warmup_s) if cold else steady
 
 
@@ -50,7 +85,8 @@ class PhaseDeadline:
         The phase as reports name it (``"decode"``, ``"generator call"``).
     minimum_s, factor, window:
         Steady deadline = ``max(minimum_s, factor x median)`` of the last
-        ``window`` steady durations (``minimum_s`` until one is known).
+        ``window`` steady durations. Until one is known: the same over the cold
+        durations, at most ``warmup_s``; ``minimum_s`` before any duration.
     warmup_s:
         The deadline of a cold chunk's phase (never below the steady one).
     """
@@ -60,20 +96,14 @@ class PhaseDeadline:
         self.minimum_s = minimum_s
         self.factor = factor
         self.warmup_s = warmup_s
-        self._window = window
-        self._durations: list[float] = []
+        self._history = _History(minimum_s=minimum_s, factor=factor, cap_s=warmup_s, window=window)
 
     def observe(self, duration_s: float, *, cold: bool = False) -> None:
-        """Record a completed phase; cold durations never enter the history."""
-        if cold:
-            return
-        self._durations.append(duration_s)
-        del self._durations[: -self._window]
+        """Record a completed phase; cold durations only stand in until a steady one is known."""
+        self._history.observe(duration_s, cold)
 
     def deadline_s(self, *, cold: bool = False) -> float:
-        steady = self.minimum_s
-        if self._durations:
-            steady = max(self.minimum_s, self.factor * median(self._durations))
+        steady = self._history.steady_s()
         return max(steady, self.warmup_s) if cold else steady
 
 

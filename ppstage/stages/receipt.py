@@ -152,9 +152,12 @@ class ResultReceipt:
                 digest = tensor_digest(latents)
             self._check_result(msg, digest)
             plan = self.plans.pop(msg.call_id)
+            owed_s = time.monotonic() - self._owed_since
             self._owed_since = time.monotonic()
             now = time.perf_counter()
-            if self._last_result_t is not None and not cold:
+            if cold:  # stands in for a period until the first steady one (the next warm chunk's)
+                self.deadline.observe(owed_s, cold=True)
+            elif self._last_result_t is not None:
                 self.deadline.observe(now - self._last_result_t)
             self._last_result_t = now
             if ev is not None:

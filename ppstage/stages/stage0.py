@@ -164,8 +164,9 @@ class Stage0Actor:
         build inputs, send within ``runtime.d_in`` credit), the receiver
         (epoch gate, checks against the shadow lifecycle), the decoder (a
         worker thread, ``runtime.d_out`` queue) and keepalives run as tasks.
-        After the last chunk (or ``on_sigterm``) it drains every owed result
-        and decode within ``runtime.drain_deadline_s`` and sends ``SHUTDOWN``.
+        After the last chunk it waits for every owed result and decode (bounded
+        by the result and phase deadlines; after ``on_sigterm`` also by
+        ``runtime.drain_deadline_s``) and sends ``SHUTDOWN``.
 
         Returns
         -------
@@ -263,6 +264,24 @@ class Stage0Actor:
 
     # -- liveness and shutdown ---------------------------------------------------
     async def _drain(self, tasks: list[asyncio.Future]) -> None:
+        """Wait until nothing is in flight and nothing awaits decode or sink.
+
+        The end of the planned stream has no deadline of its own: the owed
+        result's deadline (``check_owed``) and rank 0's decode and sink
+        deadlines (``check_phase``), re-checked by the watchdog tick that runs
+        among ``tasks`` while this waits, end the run naming whoever stalled.
+        A stop (``on_sigterm``: SIGTERM, SIGINT, the service's shutdown) also
+        bounds what is left by ``runtime.drain_deadline_s``, counted from the
+        moment the drain learns of the stop (a stop during the end-of-stream
+        wait starts the clock then).
+        """
+        until_stop = asyncio.ensure_future(self._wait(lambda: self._idle() or self._stopping))
+        try:
+            await self._until(until_stop, tasks)
+        finally:
+            until_stop.cancel()
+        if self._idle():
+            return
         budget = self.config.runtime.drain_deadline_s
         waiter = asyncio.ensure_future(self._wait(self._idle))
         try:
@@ -273,6 +292,8 @@ class Stage0Actor:
                 f"{self._decode_path.qsize()} awaiting decode",
                 chunk=self.gate.oldest_owed(),
             ) from None
+        finally:
+            waiter.cancel()
 
     async def _send_error(self, reason: str, tasks: list[asyncio.Future]) -> None:
         for t in tasks:  # no keepalive or envelope may follow the ERROR
