@@ -80,3 +80,38 @@ def test_a_result_deadline_without_a_warmup_deadline_has_no_cold_fallback():
     d = ResultDeadline(minimum_s=5.0, factor=10.0)
     d.observe(3.2, cold=True)
     assert d.deadline_s() == 5.0
+
+
+def test_a_digest_check_stuck_behind_a_hung_write_ends_naming_rank_0():
+    """The check thread also writes ``--latents-out`` files: one stuck on a dead filesystem must
+    not hang the receipt waiting for a digest (the watchdog's owed-result check does not look
+    then). A real executor whose one thread is blocked; the result deadline's floor bounds it."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pytest
+    import torch
+
+    from protocol import ChunkId
+    from ppstage.errors import PhaseStalled
+    from ppstage.stages.deadlines import ResultDeadline
+    from ppstage.stages.receipt import ResultReceipt
+
+    receipt = ResultReceipt.__new__(ResultReceipt)  # only what the digest path reads
+    receipt.deadline = ResultDeadline(minimum_s=0.3, factor=10.0)
+    receipt._cold = set()
+    receipt._checker = ThreadPoolExecutor(1)
+    stuck = threading.Event()
+    receipt._checker.submit(stuck.wait)  # a write that never returns
+
+    class Msg:
+        id = ChunkId(4, 4, 0)
+
+    try:
+        with pytest.raises(PhaseStalled, match=r"rank 0 digest check of a result exceeded 0.3 s") as info:
+            asyncio.run(receipt._digest_off_loop(torch.zeros(8), Msg()))
+        assert info.value.chunk == ChunkId(4, 4, 0)
+    finally:
+        stuck.set()
+        receipt._checker.shutdown(wait=True)

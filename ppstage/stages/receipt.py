@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from protocol import ChunkResult, DigestMismatch, ErrorEnvelope, action_of
 
 from ppstage.config import PPStageConfig
@@ -147,7 +149,7 @@ class ResultReceipt:
                 # second blake2b on the loop.
                 digest = checked
             elif latents.numel() * latents.element_size() > INLINE_DIGEST_BYTES:
-                digest = await asyncio.get_running_loop().run_in_executor(self._checker, tensor_digest, latents)
+                digest = await self._digest_off_loop(latents, msg)
             else:  # hashing a few KiB costs less than the hand-off to a worker and back
                 digest = tensor_digest(latents)
             self._check_result(msg, digest)
@@ -170,6 +172,25 @@ class ResultReceipt:
                 self._checker.submit(path.write_bytes, latents.numpy().tobytes())
             self._wake()
             await self.decode.put(plan, latents, ev)
+
+    async def _digest_off_loop(self, latents: torch.Tensor, msg: ChunkResult) -> str:
+        """The digest of a large result without a spec digest, in the check thread.
+
+        Bounded by the result deadline: that thread also writes ``--latents-out``
+        files, and a write stuck on a dead filesystem must end the run naming
+        rank 0, not hang it (``check_owed`` does not look while no result link
+        is awaited). A rare path (ppstage's own results carry their digest), so
+        its timer and task cost the loop nothing per chunk.
+        """
+        limit = self.deadline.deadline_s(cold=bool(self._cold))
+        future = asyncio.get_running_loop().run_in_executor(self._checker, tensor_digest, latents)
+        try:
+            return await asyncio.wait_for(future, limit)
+        except asyncio.TimeoutError:
+            raise PhaseStalled(
+                f"rank 0 digest check of a result exceeded {limit:.1f} s (its check thread is stuck)",
+                rank=0, phase="check", chunk=msg.id,
+            ) from None
 
     async def _next_result(self):
         """The next inbound result (an owed result's deadline is ``check_owed``'s job).
