@@ -54,3 +54,24 @@ def test_the_soak_rate_is_from_the_first_emitted_chunk_not_over_the_wall_time():
     assert "10.0 chunks/s = 30.0 frames/s  (start-up excluded)" in text
     assert "100.0 s  (start-up and shutdown included)" in text
     assert "1.0 chunks/s" not in text
+
+
+def _report(**kw):
+    base = dict(chunks=30, emitted=30, cuts=0, prompt_updates=0, bias_changes=0, pauses=0, drops={},
+                stale_emitted=0, out_of_order=0, max_in_flight=1, max_decode_queue=1, d_in=2, d_out=2,
+                rss_warm_kib=[1000, 1000], rss_end_kib=[1001, 1002], exit_codes=[0, 0], wall_s=3.0,
+                rss_growth_limit=0.05, warmup_chunks=20)
+    return SoakReport(**{**base, **kw})
+
+
+def test_a_soak_verdict_names_every_reason_it_fails():
+    assert _report().passed and format_report(_report()).rstrip().endswith("PASS")
+    short = _report(rss_warm_kib=[None, None])
+    assert not short.passed
+    text = format_report(short)
+    assert "RSS not measured: the stream ended before a reading after 20 warm-up chunks" in text
+    assert "not read -> 1.0 MiB  (n/a)" in text  # never printed as 0.0 MiB
+    both = _report(stale_emitted=2, exit_codes=[0, 1])
+    assert both.failures == ["exit codes [0, 1]", "2 stale frame(s) emitted"]
+    grew = _report(rss_end_kib=[1000, 1100])
+    assert grew.failures == ["a rank's RSS grew 5 % or more"]
