@@ -385,3 +385,13 @@ def test_a_run_recorded_on_a_cuda_device_is_refused_where_there_is_none():
         pytest.skip("this machine has the recorded device")
     with pytest.raises(ReplayError, match="no such device"):
         _replay_device(PPStageConfig().with_overrides({"topology.backend": "nccl"}))
+
+
+@pytest.mark.parametrize("out", ["timeline.txt", "timeline"])
+def test_a_plot_not_named_png_is_refused_in_one_line_before_reading(tmp_path, capsys, out):
+    # No logs needed: the name is refused first (was a matplotlib traceback for .txt, and a
+    # silent timeline.png beside the 'timeline' that was reported as written).
+    assert main(["log", "plot", str(tmp_path / "missing"), "-o", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ppstage log plot: -o ") and "ending in .png" in err[0]
+    assert not list(tmp_path.iterdir())

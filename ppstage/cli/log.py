@@ -8,6 +8,7 @@ import sys
 HELP = "inspect message logs (`log inspect LOG...`), export a Perfetto trace (`log trace`) or a timeline PNG (`log plot`)"
 
 EXIT_DAMAGED = 2
+EXIT_USAGE = 2  # a flag refused before anything is read (the CLI's usage status)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,10 +27,16 @@ def run(args: argparse.Namespace) -> int:
     from ppstage.replay.errors import ReplayError
     from ppstage.replay.runlog import RunLogs
 
+    if args.log_command == "plot" and not args.out.lower().endswith(".png"):
+        # Refused before reading anything: matplotlib would pick a format from the
+        # suffix (a traceback for ".txt", a silent "x.png" for a name without one).
+        print(f"ppstage log plot: -o {args.out}: the timeline is a PNG; give a file name ending in .png",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         run_logs = RunLogs.load(args.logs)
     except (ReplayError, OSError) as exc:
-        print(f"ppstage log: {exc}", file=sys.stderr)
+        print(f"ppstage log {args.log_command}: {exc}", file=sys.stderr)
         return EXIT_DAMAGED
     try:
         if args.log_command == "inspect":

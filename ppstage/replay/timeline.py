@@ -189,5 +189,5 @@ def write_plot(run: RunLogs, out: str | Path) -> None:
     ax.set_xlabel("time (ms, ranks aligned by message pairs)")
     ax.set_title("per-chunk phases by rank (colour and label: chunk index)")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, format="png")
     plt.close(fig)
