@@ -185,3 +185,42 @@ def test_only_a_stop_signal_starts_the_start_up_grace_period():
         signal.set_wakeup_fd(-1)
         stop.restore()
         signal.signal(signal.SIGUSR1, previous_usr1)
+
+
+def test_a_sigterm_while_serve_loads_its_config_ends_it_with_one_line_and_exit_0(tmp_path):
+    """``ppstage serve`` installs its stop handler first, as the demo does: a supervisor's
+    SIGTERM while the config loads (the FIFO holds it there) was a silent death by signal
+    (exit 143); now it is one line and exit 0, and no rank starts."""
+    fifo = tmp_path / "pipeline.toml"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ppstage.cli", "serve", "--config", str(fifo), "--port", "0",
+         "--out", str(tmp_path / "run")],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        end = time.monotonic() + 60
+        while True:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                assert time.monotonic() < end and proc.poll() is None, proc.communicate()
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        try:
+            os.write(fd, PPStageConfig().to_toml().encode())
+        except BrokenPipeError:
+            pass
+        finally:
+            os.close(fd)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "Traceback" not in stdout + stderr, stderr
+    assert proc.returncode == 0, (proc.returncode, stderr)
+    assert stderr.strip().splitlines() == ["ppstage serve: stopped by SIGTERM before any rank started"], stderr
+    assert not (tmp_path / "run" / "rank0.log").exists()

@@ -67,6 +67,18 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ppstage.stages.stop import StopRequest
+
+    # First of all, as ``ppstage demo`` does: a SIGTERM while the config and the
+    # backend load would otherwise kill this process without a word (exit 143).
+    stop = StopRequest.install()
+    try:
+        return _run(args, stop)
+    finally:
+        stop.restore()
+
+
+def _run(args: argparse.Namespace, stop) -> int:
     from ppstage.config import ConfigError, PPStageConfig
     from ppstage.service.options import ServiceOptions
 
@@ -104,11 +116,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     options = ServiceOptions(host=host, port=port, token=token, unvalidated=bool(warnings), warnings=tuple(warnings))
     if "RANK" in os.environ:
-        return _run_rank(config, options, args)
-    return _run_local(config, options, args)
+        return _run_rank(config, options, args, stop)
+    return _run_local(config, options, args, stop)
 
 
-def _run_rank(config, options, args: argparse.Namespace) -> int:
+def _run_rank(config, options, args: argparse.Namespace, stop) -> int:
     from ppstage.model.reference import DEFAULT_PROMPT, StreamScript
     from ppstage.stages.process import RankOptions, exit_process, run_rank
 
@@ -136,7 +148,7 @@ def _run_rank(config, options, args: argparse.Namespace) -> int:
         record_dir=args.record,
         flight_dir=args.flight_dir,
     )
-    exit_process(run_rank(config, opts))
+    exit_process(run_rank(config, opts, stop))  # a stop since start-up becomes a drained stop
     return 0  # not reached
 
 
@@ -156,10 +168,13 @@ def _port_free(host: str, port: int) -> None:
             raise ConfigError(f"--port: cannot bind {host}:{port}: {exc.strerror}") from None
 
 
-def _run_local(config, options, args: argparse.Namespace) -> int:
+def _run_local(config, options, args: argparse.Namespace, stop) -> int:
     from ppstage.stages.launcher import start_pipeline
 
     _port_free(options.host, options.port)
+    if stop.requested:  # nothing started yet: nothing to drain
+        print(f"ppstage serve: stopped by {stop.signal_name} before any rank started", file=sys.stderr)
+        return 0
 
     out = args.out or tempfile.mkdtemp(prefix="ppstage-serve-")
     t = config.topology
@@ -177,15 +192,13 @@ def _run_local(config, options, args: argparse.Namespace) -> int:
           f"= {t.world_size} processes, mode {config.recompute.mode}, logs in {out}", flush=True)
     if options.unvalidated:
         print(f"ppstage serve: WARNING: {options.warnings[0]}", file=sys.stderr, flush=True)
-    previous = {
-        s: signal.signal(s, lambda *_: pipe.signal_rank0(signal.SIGTERM)) for s in (signal.SIGTERM, signal.SIGINT)
-    }
+    # Either stop signal, now or during the ranks' start-up: rank 0 stops planning
+    # and drains the pipeline (a service stops the way its own shutdown does).
+    stop.hand_over(lambda: pipe.signal_rank0(signal.SIGTERM))
     try:
         codes = pipe.wait(float("inf"))
     finally:
         pipe.kill()
-        for s, h in previous.items():
-            signal.signal(s, h)
     if args.summary_out and pipe.summary_path.exists():
         with open(args.summary_out, "wb") as f:
             f.write(pipe.summary_path.read_bytes())
