@@ -395,3 +395,20 @@ def test_a_plot_not_named_png_is_refused_in_one_line_before_reading(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ppstage log plot: -o ") and "ending in .png" in err[0]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mode", ["--verify", "--bisect"])
+def test_a_replay_with_a_damaged_log_is_incomplete_not_all_match(recorded, tmp_path, capsys, mode):
+    """What was readable matches, but rank 1's chunks after the damage were never compared:
+    exit 2 and INCOMPLETE naming the log (it said ALL MATCH, exit 0)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(recorded, run)
+    data = (run / "rank1.ppslog").read_bytes()
+    (run / "rank1.ppslog").write_bytes(data[: len(data) * 2 // 3])
+    assert main(["replay", str(run), mode]) == 2
+    captured = capsys.readouterr()
+    assert "ALL MATCH" not in captured.out and "no divergence:" not in captured.out
+    assert "INCOMPLETE: " in captured.out and "rank1.ppslog (from record " in captured.out
+    assert "records before it are readable and replayed" in captured.err

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_logs = RunLogs.load(args.logs)
         for lg in run_logs.damaged:  # replay what is readable; say what is not
-            print(f"warning: {lg.error} (replaying the {len(lg.records)} records before it)", file=sys.stderr)
+            print(f"warning: {lg.error} ({lg.error.record} records before it are readable and replayed)",
+                  file=sys.stderr)
         if args.inject:
             return _inject(run_logs, args.inject)
         if args.bisect:
@@ -91,8 +92,8 @@ def _verify(run_logs, from_epoch: int | None, pipeline: bool, timeout: float, wi
         console.print("replaying through a fresh local gloo pipeline ...")
         report = replay_pipeline(run_logs, from_epoch=from_epoch, timeout_s=timeout, without_drills=without_drills)
         console.print(_table(report.checks, "replay --pipeline: recorded vs re-run"))
-        console.print(f"ALL MATCH: {len(report.checks)} chunk(s) from epoch {report.start_epoch}")
-        return 0
+        what = f"{len(report.checks)} chunk(s) from epoch {report.start_epoch}"
+        return _verdict(console, run_logs, f"ALL MATCH: {what}", f"{what} match")
     from ppstage.replay.verify import start_index
 
     plans = run_logs.stage0.plans()
@@ -116,9 +117,24 @@ def _verify(run_logs, from_epoch: int | None, pipeline: bool, timeout: float, wi
         console.print("note: tp > 1: outputs differ from the reference within 1e-4 (summation order), so "
                       "outputs and recompute context were not compared; use --pipeline for a bitwise replay")
     n = sum(len(c.compared) for c in report.checks)
-    console.print(f"ALL MATCH: {len(report.checks)} chunk(s) from epoch {report.start_epoch} "
-                  f"(call {report.start_call}), {n} values compared")
-    return 0
+    what = f"{len(report.checks)} chunk(s) from epoch {report.start_epoch} (call {report.start_call}), {n} values compared"
+    return _verdict(console, run_logs, f"ALL MATCH: {what}", f"{what}, all match")
+
+
+def _verdict(console, run_logs, whole: str, partial: str) -> int:
+    """``ALL MATCH`` (exit 0) only when every log was read whole.
+
+    A damaged log's chunks after the damage were never compared: everything that
+    was matched, but the replay is incomplete, which is not a pass (exit 2, as
+    ``ppstage log inspect`` gives the same logs).
+    """
+    if not run_logs.damaged:
+        console.print(whole)
+        return 0
+    names = ", ".join(f"{lg.path} (from record {lg.error.record})" for lg in run_logs.damaged)
+    console.print(f"INCOMPLETE: {partial}, but damaged logs were read only in part: {names}; "
+                  "what they recorded after the damage was not compared", soft_wrap=True)  # one greppable line
+    return EXIT_UNUSABLE
 
 
 def _bisect(run_logs, from_epoch: int | None) -> int:
@@ -131,6 +147,8 @@ def _bisect(run_logs, from_epoch: int | None) -> int:
     console.print(_table(report.checks, "replay --bisect against the reference"))
     found = report.first_departure()
     if found is None:
+        if run_logs.damaged:  # no divergence in what was read: not a verdict on the rest
+            return _verdict(console, run_logs, "", f"no divergence in {len(report.checks)} chunk(s)")
         console.print(f"no divergence: every recorded state and output digest matches the reference "
                       f"({len(report.checks)} chunks)")
         return 0
