@@ -412,3 +412,19 @@ def test_a_replay_with_a_damaged_log_is_incomplete_not_all_match(recorded, tmp_p
     assert "ALL MATCH" not in captured.out and "no divergence:" not in captured.out
     assert "INCOMPLETE: " in captured.out and "rank1.ppslog (from record " in captured.out
     assert "records before it are readable and replayed" in captured.err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--pipeline", "--bisect"], "--pipeline verifies only: --bisect replays against the reference"),
+    (["--pipeline", "--inject", "stale"], "--pipeline verifies only: --inject replays against the reference"),
+    (["--inject", "stale", "--from-epoch", "1"], "--inject re-feeds rank 0's whole result stream"),
+])
+def test_replay_refuses_flags_it_would_ignore(recorded, capsys, argv, words):
+    assert main(["replay", str(recorded), *argv]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_a_pipeline_replay_past_its_timeout_says_so_with_exit_1(recorded, capsys):
+    assert main(["replay", str(recorded), "--pipeline", "--timeout", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "timed out after 0.5 s (--timeout); every rank was killed" in err and "Traceback" not in err

@@ -11,6 +11,7 @@ HELP = ("replay message logs: --verify (default) against the reference or a fres
         "--bisect a divergence, --inject duplicate|delay|reorder|stale into the epoch gate")
 
 EXIT_MISMATCH, EXIT_UNUSABLE = 1, 2
+EXIT_FAILED = 1  # a --pipeline re-run that started and failed (or timed out)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from protocol.msglog import LogError
 
-    from ppstage.replay.errors import ReplayError, ReplayMismatch
+    from ppstage.replay.errors import ReplayError, ReplayMismatch, ReplayRunFailed
     from ppstage.replay.runlog import RunLogs
 
     try:
@@ -41,7 +42,12 @@ def run(args: argparse.Namespace) -> int:
         for lg in run_logs.damaged:  # replay what is readable; say what is not
             print(f"warning: {lg.error} ({lg.error.record} records before it are readable and replayed)",
                   file=sys.stderr)
+        if args.pipeline and (args.inject or args.bisect):
+            raise ReplayError(f"--pipeline verifies only: --{'inject' if args.inject else 'bisect'} replays "
+                              "against the reference (drop --pipeline)")
         if args.inject:
+            if args.from_epoch is not None:
+                raise ReplayError("--inject re-feeds rank 0's whole result stream: --from-epoch does not apply")
             return _inject(run_logs, args.inject)
         if args.bisect:
             return _bisect(run_logs, args.from_epoch)
@@ -52,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nMISMATCH at chunk {exc.chunk_index} (epoch {exc.cache_epoch}), {exc.where}, field "
               f"{exc.field}: recorded {exc.recorded}, replay gives {exc.replayed}", file=sys.stderr)
         return EXIT_MISMATCH
+    except ReplayRunFailed as exc:  # the re-run started and failed: not unusable logs
+        print(f"ppstage replay: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (ReplayError, LogError, OSError) as exc:
         print(f"ppstage replay: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE

@@ -28,6 +28,13 @@ class ReplayMismatch(ReplayError):
         self.replayed = replayed
 
 
+class ReplayRunFailed(ReplayError):
+    """``replay --pipeline``: the fresh pipeline started and then failed or ran past ``--timeout``.
+
+    Not unusable logs: the CLI exits 1 for it, as for any run that started and failed.
+    """
+
+
 class DrillsRecorded(ReplayError):
     """``replay --pipeline`` of a run recorded with fault drills: a re-run would fire them again.
 

@@ -27,7 +27,7 @@ from protocol import digest_bytes
 
 from ppstage.config import Drill, FaultsConfig
 from ppstage.core.plan import ChunkPlan
-from ppstage.replay.errors import DrillsRecorded, ReplayError, ReplayMismatch
+from ppstage.replay.errors import DrillsRecorded, ReplayError, ReplayMismatch, ReplayRunFailed
 from ppstage.replay.runlog import RunLogs
 from ppstage.replay.verify import ChunkCheck, Departure, ReplayReport, _raise, start_index
 
@@ -104,9 +104,14 @@ def replay_pipeline(run: RunLogs, *, from_epoch: int | None = None, timeout_s: f
         codes = pipe.wait(timeout_s)
     finally:
         pipe.kill()
+    if pipe.timed_out:
+        raise ReplayRunFailed(
+            f"the replay pipeline of {len(plans)} chunk(s) timed out after {timeout_s:g} s (--timeout); every rank "
+            f"was killed, logs in {out}"
+        )
     if any(c != 0 for c in codes):
         tails = "\n".join(f"--- rank {r} ---\n{pipe.log_tail(r)}" for r, c in enumerate(codes) if c != 0)
-        raise ReplayError(f"the replay pipeline failed (exit codes {codes}); logs in {out}\n{tails}")
+        raise ReplayRunFailed(f"the replay pipeline failed (exit codes {codes}); logs in {out}\n{tails}")
     return compare_runs(run, RunLogs.load([rec_dir]), first_call=plans[first].call_id)
 
 
