@@ -94,3 +94,16 @@ def test_the_live_progress_has_no_period_before_the_second_chunk():
     stats.add({"chunk_index": 0, "outcome": "emitted", "emitted": 1.0})
     assert stats.median_period_ms is None and "median period    n/a" in stats.describe()
     assert stats.describe().startswith("   n/a frames/s")
+
+
+def test_a_run_stopped_before_any_chunk_says_nothing_was_checked_not_all_match():
+    import msgspec
+
+    from ppstage.observability.report import DigestCheck, format_summary
+
+    s = msgspec.to_builtins(_summary(1))  # chunk 0 dropped: no chunk emitted
+    text = format_summary(s, DigestCheck(0, 0, [], [], []), stages=2, tp=1, mode="r0a")
+    assert "no chunk to check" in text and "ALL MATCH" not in text
+    assert "OverlapScore                        n/a" in text
+    lost = format_summary(s, DigestCheck(0, 0, [], [], [0]), stages=2, tp=1, mode="r0a")
+    assert "MISMATCH" in lost and "lost [0]" in lost  # a lost chunk is never hidden as 'nothing to check'

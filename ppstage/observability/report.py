@@ -113,11 +113,13 @@ def summary_rows(
         ("period / slower stage", _ratio(s)),
         ("per-stage median", ", ".join(f"s{i + 1} {v:.1f} ms" for i, v in enumerate(s["stage_median_ms"])) or "n/a"),
         ("queue maxima", f"in flight {s['max_in_flight']}, decode {s['max_decode_queue']}"),
-        ("OverlapScore", f"{s['overlap_score']:.2f}"),
+        ("OverlapScore", f"{s['overlap_score']:.2f}" if s["chunks_emitted"] else "n/a"),
         ("rank-0 loop CPU per chunk", _loop_cpu(s)),
         ("dropped", ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "none"),
     ]
-    if check is not None:
+    if check is not None and not check.compared and check.ok:  # a stop before any chunk: nothing to check
+        rows.append(("digests vs reference", "no chunk to check"))
+    elif check is not None:
         verdict = ("ALL MATCH" if check.ok else "MISMATCH") + (f", |diff| <= {tol:g}" if tol else ", bitwise")
         rows.append(
             ("digests vs reference", f"{check.matched}/{check.compared} match ({verdict})"
