@@ -101,31 +101,34 @@ def test_a_stop_signal_at_any_moment_of_a_demo_drains_every_rank_and_exits_0(tmp
     assert "Traceback" not in text and "FAILED" not in text, text
 
 
-def test_a_stop_signal_before_any_rank_started_ends_the_demo_with_one_line_and_exit_0(tmp_path):
-    # The demo reads its config from a FIFO: it is provably past its first moment
-    # (a reader is there) and before any rank when the signal comes.
+def _signal_while_the_config_loads(tmp_path: Path, command: list[str], sig: signal.Signals):
+    """Run ``ppstage <command> --config FIFO ...`` and send ``sig`` while it reads its config.
+
+    The config is a FIFO: the process is provably past its first moment (a reader
+    is there) and before any rank when the signal comes; the config follows.
+    Returns ``(process, stdout, stderr)``; every process of its session is killed after.
+    """
     fifo = tmp_path / "pipeline.toml"
     os.mkfifo(fifo)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ppstage.cli", "demo", "--chunks", "2", "--no-check", "--config", str(fifo),
-         "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "ppstage.cli", *command, "--config", str(fifo), "--out", str(tmp_path / "run")],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
         end = time.monotonic() + 60
-        while True:  # opening the writing end without blocking succeeds once the demo is reading
+        while True:  # opening the writing end without blocking succeeds once the process is reading
             try:
                 fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
                 break
             except OSError:
                 assert time.monotonic() < end and proc.poll() is None, proc.communicate()
                 time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         time.sleep(0.2)
         try:
             os.write(fd, PPStageConfig().to_toml().encode())
         except BrokenPipeError:
-            pass  # the demo did not wait for its config: the asserts below say how it ended
+            pass  # it did not wait for its config: the caller's asserts say how it ended
         finally:
             os.close(fd)
         stdout, stderr = proc.communicate(timeout=60)
@@ -133,6 +136,12 @@ def test_a_stop_signal_before_any_rank_started_ends_the_demo_with_one_line_and_e
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    return proc, stdout, stderr
+
+
+def test_a_stop_signal_before_any_rank_started_ends_the_demo_with_one_line_and_exit_0(tmp_path):
+    proc, stdout, stderr = _signal_while_the_config_loads(tmp_path, ["demo", "--chunks", "2", "--no-check"],
+                                                          signal.SIGINT)
     assert "Traceback" not in stdout + stderr, stderr
     assert proc.returncode == 0, stderr
     assert stderr.strip().splitlines() == ["ppstage demo: stopped by SIGINT before any rank started"], stderr
@@ -189,37 +198,9 @@ def test_only_a_stop_signal_starts_the_start_up_grace_period():
 
 def test_a_sigterm_while_serve_loads_its_config_ends_it_with_one_line_and_exit_0(tmp_path):
     """``ppstage serve`` installs its stop handler first, as the demo does: a supervisor's
-    SIGTERM while the config loads (the FIFO holds it there) was a silent death by signal
-    (exit 143); now it is one line and exit 0, and no rank starts."""
-    fifo = tmp_path / "pipeline.toml"
-    os.mkfifo(fifo)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ppstage.cli", "serve", "--config", str(fifo), "--port", "0",
-         "--out", str(tmp_path / "run")],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    try:
-        end = time.monotonic() + 60
-        while True:
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError:
-                assert time.monotonic() < end and proc.poll() is None, proc.communicate()
-                time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        try:
-            os.write(fd, PPStageConfig().to_toml().encode())
-        except BrokenPipeError:
-            pass
-        finally:
-            os.close(fd)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    SIGTERM while the config loads was a silent death by signal (exit 143); now it is one
+    line and exit 0, and no rank starts."""
+    proc, stdout, stderr = _signal_while_the_config_loads(tmp_path, ["serve", "--port", "0"], signal.SIGTERM)
     assert "Traceback" not in stdout + stderr, stderr
     assert proc.returncode == 0, (proc.returncode, stderr)
     assert stderr.strip().splitlines() == ["ppstage serve: stopped by SIGTERM before any rank started"], stderr

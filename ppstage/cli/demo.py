@@ -73,11 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     # First of all: a Ctrl-C while torch imports must neither vanish (torch's import
     # swallows a KeyboardInterrupt) nor end as a traceback; it is acted on below.
-    stop = StopRequest.install()
-    try:
+    with StopRequest.installed() as stop:
         return _run(args, stop)
-    finally:
-        stop.restore()
 
 
 def _run(args: argparse.Namespace, stop) -> int:

@@ -71,11 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
     # First of all, as ``ppstage demo`` does: a SIGTERM while the config and the
     # backend load would otherwise kill this process without a word (exit 143).
-    stop = StopRequest.install()
-    try:
+    with StopRequest.installed() as stop:
         return _run(args, stop)
-    finally:
-        stop.restore()
 
 
 def _run(args: argparse.Namespace, stop) -> int:

@@ -19,9 +19,12 @@ import torch
 from protocol import InferEnvelope, StageReport
 
 from ppstage.digests import tensor_digest
+from ppstage.faults.drills import RankDrills
 from ppstage.model.backend import GeneratorBackend
+from ppstage.model.scheduler import FlowMatchScheduler
 from ppstage.observability.recorder import MessageRecorder
 from ppstage.distributed.topology import MeshComm, Role
+from ppstage.distributed.transport import Inbound, Mailbox
 from ppstage.stages.envelopes import hop
 from ppstage.stages.mesh import MeshRelay
 
@@ -88,3 +91,33 @@ class LeaderCalls:
         if other == self.role.stage:
             other = 0  # a single stage: rank 0's side, which no stage may join
         MeshComm(self.role, self.relay.comm.groups, stage=other).all_reduce(torch.zeros(1, device=self._device))
+
+
+class StepSchedule:
+    """What both step schedules are given of their leader: its place in the chain, its model
+    work, drills and scheduler, and its inbound mailboxes (``LoopSteps``, ``FusedChunkJob``).
+
+    ``upstream``: the previous stage's hops (rank 0's envelopes for stage 1);
+    ``handback``: the last stage's re-noised latents back to stage 1 (None unless K > 1
+    and this is stage 1).
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        calls: LeaderCalls,
+        drills: RankDrills,
+        scheduler: FlowMatchScheduler,
+        upstream: Mailbox[Inbound],
+        handback: Mailbox[Inbound] | None,
+    ) -> None:
+        self.role = role
+        self.calls = calls
+        self.drills = drills
+        self.scheduler = scheduler
+        self.first = role.is_first_stage
+        self.last = role.is_last_stage
+        assert role.next_rank is not None
+        self.next_rank = role.next_rank  # rank 0 for the last stage (results)
+        self.upstream = upstream
+        self.handback = handback

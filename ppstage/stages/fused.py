@@ -28,7 +28,7 @@ from ppstage.faults.drills import RankDrills, stall
 from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, denoise_step, step_noise
 from ppstage.distributed.topology import Role
 from ppstage.distributed.transport import Inbound, Mailbox, MailboxInterrupted, Transport
-from ppstage.stages.calls import LeaderCalls
+from ppstage.stages.calls import LeaderCalls, StepSchedule
 from ppstage.stages.envelopes import check_hop, hop, ok_result
 from ppstage.stages.worker import JobProgress
 
@@ -71,7 +71,7 @@ class OutputGate:
             self._ending.set()
 
 
-class FusedChunkJob:
+class FusedChunkJob(StepSchedule):
     """One per leader; ``run`` is one chunk's job, on the worker thread.
 
     What it reads of the leader comes in explicitly: the model work
@@ -93,16 +93,7 @@ class FusedChunkJob:
         wait_limit: Callable[[ChunkId | None], float],
         wait_expired: Callable[[int | None, str, float, ChunkId | None], PPStageError],
     ) -> None:
-        self.role = role
-        self.calls = calls
-        self.drills = drills
-        self.scheduler = scheduler
-        self.first = role.is_first_stage
-        self.last = role.is_last_stage
-        assert role.next_rank is not None
-        self.next_rank = role.next_rank  # rank 0 for the last stage (results)
-        self.upstream = upstream
-        self.handback = handback
+        super().__init__(role, calls, drills, scheduler, upstream, handback)
         self._outputs = outputs
         self._wait_limit = wait_limit
         self._wait_expired = wait_expired

@@ -25,11 +25,11 @@ from ppstage.model.scheduler import RECOMPUTE_TIMESTEP, FlowMatchScheduler, deno
 from ppstage.distributed.topology import Role
 from ppstage.distributed.transport import Inbound, Mailbox, Transport
 from ppstage.observability.logs import ids_of
-from ppstage.stages.calls import LeaderCalls
+from ppstage.stages.calls import LeaderCalls, StepSchedule
 from ppstage.stages.envelopes import check_hop, hop, ok_result
 
 
-class LoopSteps:
+class LoopSteps(StepSchedule):
     """One per leader; ``run`` is one chunk, on the loop."""
 
     def __init__(
@@ -47,17 +47,8 @@ class LoopSteps:
         work: Callable[..., Awaitable[Any]],
         log: Any,
     ) -> None:
-        self.role = role
-        self.calls = calls
-        self.drills = drills
-        self.scheduler = scheduler
+        super().__init__(role, calls, drills, scheduler, upstream, handback)
         self.transport = transport
-        self.first = role.is_first_stage
-        self.last = role.is_last_stage
-        assert role.next_rank is not None
-        self.next_rank = role.next_rank  # rank 0 for the last stage (results)
-        self.upstream = upstream
-        self.handback = handback
         self._timed = timed
         self._next = next
         self._work = work

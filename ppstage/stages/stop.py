@@ -70,6 +70,16 @@ class StopRequest:
         for s, previous in self._previous.items():
             signal.signal(s, previous)  # type: ignore[arg-type]
 
+    @classmethod
+    @contextmanager
+    def installed(cls) -> Iterator["StopRequest"]:
+        """``install`` for the span of a ``with`` block (a CLI command), then ``restore``."""
+        stop = cls.install()
+        try:
+            yield stop
+        finally:
+            stop.restore()
+
     def watch_startup(self, grace_s: float, on_expired: Callable[[str], None]) -> None:
         """Call ``on_expired(signal_name)`` (from a thread) if start-up goes on ``grace_s`` after a stop signal.
 
