@@ -219,7 +219,7 @@ def test_an_ambiguous_or_fractional_size_is_refused(text):
 
 
 def test_a_row_label_is_the_exact_size_measured():
-    from ppstage.bench.transport_bench import _size as label
+    from ppstage.bench.transport_bench import _size_label as label
 
     assert [label(n) for n in (4096, 1536, 1 << 20, 3 << 19, 256)] == ["4 KiB", "1536 B", "1 MiB", "1536 KiB", "256 B"]
 

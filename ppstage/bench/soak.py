@@ -174,12 +174,17 @@ def run_soak(config: PPStageConfig, chunks: int, out_dir: str | Path, *, seed: i
     end: list[int | None] = [None] * len(pids)
     try:
         deadline = t0 + timeout_s
-        last_count = -1
+        last_count, count = -1, 0
+        tick = 0
         while time.monotonic() < deadline and all(p.poll() is None for p in pipe.procs):
             readings = [vm_rss_kib(pid) for pid in pids]
             if all(r is not None for r in readings) and all(p.poll() is None for p in pipe.procs):
                 end = readings  # the last reading with every rank alive
-            count = len(list(latents.glob("*.f32"))) if latents.exists() else 0
+            # Listing the latents folder (one file per chunk) every tick only until the
+            # warm reading; after it, every fifth tick is enough for the progress lines.
+            if warm[0] is None or tick % 5 == 0:
+                count = len(list(latents.glob("*.f32"))) if latents.exists() else 0
+            tick += 1
             if warm[0] is None and count >= warmup and all(r is not None for r in readings):
                 warm = readings
             if progress is not None and count and count // 100 != last_count // 100:

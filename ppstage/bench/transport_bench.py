@@ -377,7 +377,7 @@ def run_transport_bench(
     )
 
 
-def _size(n: int) -> str:
+def _size_label(n: int) -> str:
     """The exact size: ``4 KiB``, ``1 MiB``, else the byte count (a label never rounds)."""
     if n % (1 << 20) == 0:
         return f"{n >> 20} MiB"
@@ -400,7 +400,7 @@ def format_report(r: TransportBenchResult) -> str:
     ]
     for s in r.sizes:
         lines.append(
-            f"{_size(s.nbytes):>8}  {s.raw_us:9.1f}  {s.framed_us:9.1f}  {s.legacy_us:10.1f}  {s.hop_us:9.1f}  "
+            f"{_size_label(s.nbytes):>8}  {s.raw_us:9.1f}  {s.framed_us:9.1f}  {s.legacy_us:10.1f}  {s.hop_us:9.1f}  "
             f"{s.framed_ratio:15.2f}  {s.added_us:9.1f}  {s.hop_added_us:12.1f}  {s.nbytes / s.raw_us:9.0f}"
         )
     lines.append("")

@@ -131,7 +131,7 @@ def _verify(run_logs, from_epoch: int | None, pipeline: bool, timeout: float, wi
 
 
 def _verdict(console, run_logs, whole: str, partial: str) -> int:
-    """``ALL MATCH`` (exit 0) only when every log was read whole.
+    """Print ``whole`` (exit 0) only when every log was read whole; else ``INCOMPLETE: partial ...``.
 
     A damaged log's chunks after the damage were never compared: everything that
     was matched, but the replay is incomplete, which is not a pass (exit 2, as
@@ -156,11 +156,10 @@ def _bisect(run_logs, from_epoch: int | None) -> int:
     console.print(_table(report.checks, "replay --bisect against the reference"))
     found = report.first_departure()
     if found is None:
-        if run_logs.damaged:  # no divergence in what was read: not a verdict on the rest
-            return _verdict(console, run_logs, "", f"no divergence in {len(report.checks)} chunk(s)")
-        console.print(f"no divergence: every recorded state and output digest matches the reference "
-                      f"({len(report.checks)} chunks)")
-        return 0
+        n = len(report.checks)
+        return _verdict(console, run_logs,
+                        f"no divergence: every recorded state and output digest matches the reference ({n} chunks)",
+                        f"no divergence in {n} chunk(s)")
     check, cause = found
     state = [d for d in check.departures if d.field == "state_digest" and d.where.startswith("rank")]
     agree = sorted({w for c in [check] for w in _ranks_compared(run_logs, check)} - {d.where for d in state})
